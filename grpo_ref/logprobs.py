@@ -1,0 +1,71 @@
+"""Token log-probabilities and entropies from logits, without a second ``[B, T, V]`` tensor.
+
+``log pi(y_t) = z_t[y_t] / tau - logsumexp(z_t / tau)``: gather the chosen logit, subtract the
+log-partition function, a chunk of rows at a time (TRL's ``selective_log_softmax`` idea). Logits of
+an LLM are the largest tensor of a step; ``log_softmax(logits).gather(...)`` would store a second copy.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import as_float
+
+
+def _rows(logits: torch.Tensor, temperature: float):
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Log-probability of the tokens actually taken.
+
+    Args:
+        logits: ``[..., V]`` (usually ``[B, T, V]``), any float dtype; position ``t`` scores ``tokens[..., t]``
+            (shift by one yourself for a causal LM: ``logits[:, :-1]`` scores ``input_ids[:, 1:]``).
+        tokens: ``[...]`` integer ids, same leading shape as ``logits``.
+        temperature: the sampling temperature ``tau``; logits are divided by it, as in PPO-RLHF and TRL,
+            so that the log-probs are those of the distribution that was sampled.
+        chunk_size: rows (positions) processed at once; bounds the float32 working memory to
+            ``chunk_size * V`` whatever ``B * T`` is.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 logits) log-probabilities, differentiable w.r.t. ``logits``.
+        Equal to ``log_softmax(logits / tau, -1).gather(-1, tokens[..., None])[..., 0]`` to float tolerance.
+    """
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
+    if tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    rows = _rows(logits, temperature)
+    ids = tokens.reshape(-1)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= rows.shape[-1]):
+        raise ValueError(f"token ids must lie in [0, {rows.shape[-1]}), got range [{int(ids.min())}, {int(ids.max())}]")
+    out = []
+    for start in range(0, rows.shape[0], chunk_size):
+        z = as_float(rows[start : start + chunk_size]) / temperature
+        chosen = z.gather(-1, ids[start : start + chunk_size, None])[:, 0]
+        out.append(chosen - torch.logsumexp(z, dim=-1))
+    if not out:
+        return torch.zeros(tokens.shape, dtype=as_float(rows).dtype, device=logits.device)
+    return torch.cat(out).reshape(tokens.shape)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """Entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` of each position's distribution (verl's form).
+
+    Args:
+        logits: ``[..., V]``; divided by ``temperature`` first.
+    Returns:
+        ``[...]`` float32 (float64 for float64 input) entropies in nats, differentiable.
+    """
+    rows = _rows(logits, temperature)
+    out = []
+    for start in range(0, rows.shape[0], chunk_size):
+        z = as_float(rows[start : start + chunk_size]) / temperature
+        out.append(torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1))
+    if not out:
+        return torch.zeros(logits.shape[:-1], dtype=as_float(rows).dtype, device=logits.device)
+    return torch.cat(out).reshape(logits.shape[:-1])
