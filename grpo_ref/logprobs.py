@@ -17,6 +17,13 @@ def _rows(logits: torch.Tensor, temperature: float):
     return logits.reshape(-1, logits.shape[-1])
 
 
+def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``chunk / tau`` in at least float32. For float32 logits at ``tau == 1`` this is a view (no copy), so
+    autograd saves only views of the caller's logits; otherwise each chunk is one float32 copy."""
+    z = as_float(chunk)
+    return z if temperature == 1.0 else z / temperature
+
+
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
 ) -> torch.Tensor:
@@ -28,8 +35,10 @@ def token_logprobs(
         tokens: ``[...]`` integer ids, same leading shape as ``logits``.
         temperature: the sampling temperature ``tau``; logits are divided by it, as in PPO-RLHF and TRL,
             so that the log-probs are those of the distribution that was sampled.
-        chunk_size: rows (positions) processed at once; bounds the float32 working memory to
-            ``chunk_size * V`` whatever ``B * T`` is.
+        chunk_size: rows (positions) processed at once; bounds the working memory of the forward pass to
+            ``chunk_size * V`` floats whatever ``B * T`` is. (With gradients, autograd keeps what backward needs:
+            nothing extra for float32 logits at ``tau = 1``, a float32 copy of the logits otherwise, the same as
+            ``log_softmax`` would.)
 
     Returns:
         ``[...]`` float32 (float64 for float64 logits) log-probabilities, differentiable w.r.t. ``logits``.
@@ -45,7 +54,7 @@ def token_logprobs(
         raise ValueError(f"token ids must lie in [0, {rows.shape[-1]}), got range [{int(ids.min())}, {int(ids.max())}]")
     out = []
     for start in range(0, rows.shape[0], chunk_size):
-        z = as_float(rows[start : start + chunk_size]) / temperature
+        z = _scaled(rows[start : start + chunk_size], temperature)
         chosen = z.gather(-1, ids[start : start + chunk_size, None])[:, 0]
         out.append(chosen - torch.logsumexp(z, dim=-1))
     if not out:
@@ -64,7 +73,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     rows = _rows(logits, temperature)
     out = []
     for start in range(0, rows.shape[0], chunk_size):
-        z = as_float(rows[start : start + chunk_size]) / temperature
+        z = _scaled(rows[start : start + chunk_size], temperature)
         out.append(torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1))
     if not out:
         return torch.zeros(logits.shape[:-1], dtype=as_float(rows).dtype, device=logits.device)

@@ -94,7 +94,7 @@ def policy_loss(
     m = mask_like(mask, lp)
     old = as_float(old_logp).detach().to(lp.dtype)
     adv = _broadcast_advantages(advantages, lp)
-    check_finite("advantages", adv * m)
+    check_finite("advantages", adv[m > 0])
     on = m > 0
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     # log-ratio only where the mask is on: padding may hold garbage log-probs (even inf)
