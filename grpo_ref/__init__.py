@@ -27,7 +27,7 @@ from .algorithms import (
 from .kl import KL_ESTIMATORS, categorical_kl, kl_estimate, kl_k1, kl_k2, kl_k3
 from .logprobs import token_entropy, token_logprobs
 from .masks import masked_mean, masked_sum, masked_var, masked_whiten, response_mask
-from .policy_loss import policy_loss
+from .surrogate import policy_loss
 from .ppo import entropy_bonus, kl_in_reward, value_loss
 
 __version__ = "0.1.0"

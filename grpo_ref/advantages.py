@@ -27,6 +27,12 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return as_float(rewards).view(-1, group_size)
 
 
+def _masked_in(x: torch.Tensor, m: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` with masked-out entries set to 0; ``ValueError`` if a masked-in entry is NaN or inf."""
+    check_finite(name, x[m > 0])
+    return torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _centred(g: torch.Tensor) -> torch.Tensor:
     """``R - mean(R_group)``, exactly 0 in groups whose rewards are all equal (no rounding residue)."""
     same = g.amax(-1, keepdim=True) == g.amin(-1, keepdim=True)
@@ -81,7 +87,7 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
     check_2d("token_rewards", token_rewards)
     r = as_float(token_rewards)
     m = mask_like(mask, r)
-    check_finite("token_rewards", r * m)
+    r = _masked_in(r, m, "token_rewards")
     out = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0])
     for t in range(r.shape[1] - 1, -1, -1):
@@ -98,7 +104,9 @@ def reinforce_pp_advantages(
     * ``group_size=None`` (verl ``reinforce_plus_plus``): the discounted return-to-go of the per-token rewards
       (score on the last token, ``-beta * k1`` KL on every token), whitened over all response tokens of the batch.
     * ``group_size=G`` (verl ``reinforce_plus_plus_baseline``): the sequence score ``sum_t r_t`` minus its group
-      mean, broadcast to the tokens, then whitened over the batch.
+      mean, broadcast to the tokens, then whitened over the batch. (As in verl, an empty response has no token
+      to carry its score, so it enters its group's mean with score 0.)
+
     Whitening uses the unbiased variance and ``eps = 1e-8`` (verl's ``masked_whiten``).
 
     Shapes: ``token_rewards, mask: [B, T]`` -> ``[B, T]`` (0 on masked-out positions).
@@ -133,9 +141,9 @@ def gae_advantages(
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
         raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
     r = as_float(token_rewards)
-    v = as_float(values).detach().to(r.dtype)
     m = mask_like(mask, r)
-    check_finite("token_rewards", r * m)
+    r = _masked_in(r, m, "token_rewards")
+    v = _masked_in(as_float(values).detach().to(r.dtype), m, "values")
     adv = torch.zeros_like(r)
     next_value = torch.zeros_like(r[:, 0])
     next_adv = torch.zeros_like(r[:, 0])
@@ -177,7 +185,7 @@ def process_advantages(
         raise ValueError(f"mask has {mask.shape[0]} rows but step_rewards has {step_rewards.shape[0]}")
     r = as_float(step_rewards)
     sm = mask_like(step_mask, r)
-    check_finite("step_rewards", r * sm)
+    r = _masked_in(r, sm, "step_rewards")
     b, s = r.shape
     check_group_size(b, group_size)
     if step_ends.dtype.is_floating_point or ((step_ends < 0) | (step_ends >= mask.shape[1]))[sm > 0].any():

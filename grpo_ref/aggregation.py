@@ -2,15 +2,14 @@
 
 Named as verl's ``loss_agg_mode``; TRL's ``loss_type`` equivalents in brackets (``L_i = sum_t m[i, t]``):
 
-====================================  ==========================================================  =====================
-mode                                  scalar                                                      who uses it
-====================================  ==========================================================  =====================
-``"seq-mean-token-mean"``             ``(1/B) sum_i (1/max(1, L_i)) sum_t m l``                    GRPO paper [``grpo``]
-``"token-mean"``                      ``sum_{i,t} m l / max(1, sum_{i,t} m)``                      DAPO [``bnpo``; ``dapo``
-                                                                                                  over all processes]
-``"seq-mean-token-sum-norm"``         ``(1/B) sum_i sum_t m l / norm_length``                      Dr. GRPO [``dr_grpo``]
-``"seq-mean-token-sum"``              ``(1/B) sum_i sum_t m l``                                    REINFORCE-style sums
-====================================  ==========================================================  =====================
+=============================  ================================================  ==========================================
+mode                           scalar                                            who uses it [TRL ``loss_type``]
+=============================  ================================================  ==========================================
+``seq-mean-token-mean``        ``(1/B) sum_i (1/max(1, L_i)) sum_t m l``         GRPO paper [``grpo``]
+``token-mean``                 ``sum_{i,t} m l / max(1, sum_{i,t} m)``           DAPO [``bnpo``; ``dapo`` across processes]
+``seq-mean-token-sum-norm``    ``(1/B) sum_i sum_t m l / norm_length``           Dr. GRPO [``dr_grpo``]
+``seq-mean-token-sum``         ``(1/B) sum_i sum_t m l``                         REINFORCE-style sums
+=============================  ================================================  ==========================================
 
 ``norm_length`` should be a constant of the run (the generation budget, TRL's ``max_completion_length``);
 it defaults to ``T = mask.shape[-1]``, which is verl's default ``loss_scale_factor`` and is only constant if the

@@ -24,7 +24,7 @@ kl_coef                ``beta``                                     ``kl_loss_co
 kl_estimator           k3 (fixed)                                   ``kl_loss_type`` / ``kl_penalty``
 kl_placement           loss (fixed)                                 ``use_kl_loss`` / ``use_kl_in_reward``
 gamma / lam            (none)                                       ``algorithm.gamma`` / ``algorithm.lam``
-vf_coef / value_clip   (PPOTrainer) ``vf_coef`` / ``cliprange_value``  ``critic.cliprange_value``
+vf_coef / value_clip   PPOTrainer ``vf_coef``, ``cliprange_value``   ``critic.cliprange_value``
 ent_coef               (none)                                       ``entropy_coeff``
 overlong_buffer        (reward function)                            ``reward_model.overlong_buffer.len``
 filter_groups          (none)                                       ``algorithm.filter_groups.enable``
@@ -42,7 +42,7 @@ from .advantages import ADV_SCALES, gae_advantages, grpo_advantages, overlong_pe
 from .aggregation import LOSS_AGG_MODES
 from .kl import KL_ESTIMATORS, kl_estimate
 from .masks import masked_sum, masked_whiten
-from .policy_loss import RATIO_LEVELS, policy_loss
+from .surrogate import RATIO_LEVELS, policy_loss
 from .ppo import entropy_bonus, kl_in_reward, value_loss
 
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
@@ -144,18 +144,19 @@ def _policy_part(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[s
 
 def grpo_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Critic-free actor loss (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++): the clipped surrogate of
-    :func:`~grpo_ref.policy_loss.policy_loss` with ``cfg``'s clip, ratio level, aggregation and (if
+    :func:`~grpo_ref.surrogate.policy_loss` with ``cfg``'s clip, ratio level, aggregation and (if
     ``kl_placement == "loss"``) KL term, minus ``ent_coef`` times the entropy. Returns ``(loss, metrics)``."""
     return _policy_part(inp, cfg)
 
 
 def ppo_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """PPO actor-critic loss: policy part as in :func:`grpo_loss` plus ``vf_coef`` times the clipped value loss.
+    """PPO actor-critic loss: policy part as in :func:`grpo_loss` plus ``vf_coef`` times the clipped value loss
+    (aggregated with the same ``loss_agg_mode``).
     Needs ``values``, ``old_values`` and ``returns``. Returns ``(loss, metrics)`` with ``vf_loss`` added."""
     if inp.values is None or inp.old_values is None or inp.returns is None:
         raise ValueError("ppo_loss needs values, old_values and returns (a critic); use grpo_loss for critic-free algorithms")
     loss, metrics = _policy_part(inp, cfg)
-    vf, vf_metrics = value_loss(inp.values, inp.old_values, inp.returns, inp.mask, cfg.value_clip, "token-mean")
+    vf, vf_metrics = value_loss(inp.values, inp.old_values, inp.returns, inp.mask, cfg.value_clip, cfg.loss_agg_mode)
     metrics.update(vf_metrics, vf_loss=vf.detach())
     return loss + cfg.vf_coef * vf, metrics
 
@@ -196,7 +197,7 @@ def compute_advantages(
     """
     check_2d("mask", mask)
     m = as_float(mask)
-    scores = as_float(torch.as_tensor(scores, device=m.device))
+    scores = as_float(torch.as_tensor(scores, device=m.device)).detach()
     if scores.dim() != 1 or scores.shape[0] != m.shape[0]:
         raise ValueError(f"scores must be [B] = [{m.shape[0]}], got shape {tuple(scores.shape)}")
     if cfg.overlong_buffer is not None:

@@ -17,7 +17,8 @@ log-ratios beyond ~88 in float32. ``max_log_ratio`` (default 20, verl's value) c
 ``[-20, 20]`` before the exponential; inside that range the value and the gradient are exact (no clamp is
 active), outside it the value is ``k3(+-20)`` (finite, about 4.85e8 at +20) and the gradient through the
 clamped side is 0. ``None`` disables the clamp. ``k3`` is computed as ``expm1(d) - d`` so it stays exact and
-non-negative for tiny ``d`` where ``exp(d) - d - 1`` would cancel to 0 or below.
+non-negative for tiny ``d``, where ``exp(d) - d - 1`` cancels to 0 or below (its absolute error is then
+about one ulp of ``d``; the value ``d^2/2`` itself is below float32 resolution for ``|d| < 1e-4``).
 """
 from __future__ import annotations
 
@@ -76,13 +77,16 @@ def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tens
     that k1 and k3 estimate on policy samples; swap the arguments for the forward KL ``KL(ref || pi)``.
 
     Args:
-        p_logits, q_logits: ``[..., V]`` (equal shapes).
+        p_logits, q_logits: ``[..., V]``, broadcastable (e.g. one reference row against a batch).
     Returns:
         ``[...]`` KL per position, float32 or float64, >= 0 up to rounding.
     """
-    check_same_shape(p_logits=p_logits, q_logits=q_logits)
-    logp = torch.log_softmax(as_float(p_logits), -1)
-    logq = torch.log_softmax(as_float(q_logits), -1)
+    try:
+        shape = torch.broadcast_shapes(p_logits.shape, q_logits.shape)
+    except RuntimeError:
+        raise ValueError(f"shape mismatch: p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} do not broadcast") from None
+    logp = torch.log_softmax(as_float(p_logits), -1).expand(shape)
+    logq = torch.log_softmax(as_float(q_logits), -1).expand(shape)
     p = logp.exp()
     # 0 * log 0 = 0: positions where p is exactly 0 contribute nothing even if q is 0 there too.
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return (p * torch.where(p > 0, logp - logq, torch.zeros_like(p))).sum(-1)

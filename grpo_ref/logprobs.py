@@ -74,7 +74,9 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     out = []
     for start in range(0, rows.shape[0], chunk_size):
         z = _scaled(rows[start : start + chunk_size], temperature)
-        out.append(torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1))
+        p = torch.softmax(z, -1)
+        # tokens with p = 0 (logit -inf, e.g. top-k masking) contribute 0, not 0 * -inf = NaN
+        out.append(torch.logsumexp(z, -1) - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1))
     if not out:
         return torch.zeros(logits.shape[:-1], dtype=as_float(rows).dtype, device=logits.device)
     return torch.cat(out).reshape(logits.shape[:-1])

@@ -88,9 +88,11 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     (OpenRLHF's global whitening). With ``n <= 1`` (or ``n == 0`` biased) the variance is 0, not NaN.
     """
     values = as_float(values)
-    mean = masked_mean(values, mask)
-    n = mask_like(mask, values).sum()
-    sq = masked_sum((values - mean) ** 2, mask)
+    m = mask_like(mask, values)
+    values = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    mean = masked_mean(values, m)
+    n = m.sum()
+    sq = masked_sum((values - mean) ** 2, m)
     den = (n - 1.0) if unbiased else n
     return torch.where(den > 0, sq / den.clamp_min(1.0), torch.zeros_like(sq))
 
@@ -111,6 +113,7 @@ def masked_whiten(
     """
     values = as_float(values)
     m = mask_like(mask, values)
+    values = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
     mean = masked_mean(values, m)
     var = masked_var(values, m, unbiased=unbiased)
     out = (values - mean) * torch.rsqrt(var + eps)

@@ -30,9 +30,13 @@ def value_loss(
     check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     v = as_float(values)
     m = mask_like(mask, v)
-    old = as_float(old_values).detach().to(v.dtype)
-    ret = as_float(returns).detach().to(v.dtype)
-    check_finite("returns", ret * m)
+    on = m > 0
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    check_finite("returns", returns[on])
+    check_finite("old_values", old_values[on])
+    v = torch.where(on, v, zero)  # padding may hold anything; it must reach neither value nor gradient
+    old = torch.where(on, as_float(old_values).detach().to(v.dtype), zero)
+    ret = torch.where(on, as_float(returns).detach().to(v.dtype), zero)
     err = (v - ret) ** 2
     if clip_range is None:
         per_token, clipped_frac = err, torch.zeros_like(err)
@@ -75,6 +79,7 @@ def kl_in_reward(
     if scores.dim() != 1 or scores.shape[0] != logp.shape[0]:
         raise ValueError(f"scores must be [B] = [{logp.shape[0]}], got shape {tuple(scores.shape)}")
     check_finite("scores", scores)
+    scores = scores.detach()
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     lp = as_float(logp).detach()

@@ -1,4 +1,4 @@
-"""The clipped policy-gradient loss shared by PPO, GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++.
+"""The clipped surrogate policy loss shared by PPO, GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++.
 
 Per token (PPO, Schulman et al. 2017; GRPO, DeepSeekMath eq. 3), with ``r = pi_theta / pi_old``:
 
@@ -8,8 +8,9 @@ Per token (PPO, Schulman et al. 2017; GRPO, DeepSeekMath eq. 3), with ``r = pi_t
 * dual-clip (Ye et al. 2020; verl ``clip_ratio_c``, OpenRLHF ``dual_clip``): for ``A < 0`` also ``l_t <= -c A``.
 * ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025): ``s_i = exp((1/L_i) sum_t (lp - old))`` replaces ``r``;
   it is applied in GSPO-token form ``sg[s_i] * pi / sg[pi]``, whose value is ``s_i`` and whose gradient under
-  ``seq-mean-token-mean`` is exactly the gradient of GSPO's sequence objective.
+  ``seq-mean-token-mean`` is exactly the gradient of GSPO's sequence objective (0 where a clamp is active).
 * the KL term ``beta * k_n(lp, ref)`` is GRPO's "KL in the loss" (k3 by default, DeepSeekMath eq. 4).
+
 The per-token losses are then reduced by :func:`grpo_ref.aggregation.aggregate`.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ._checks import as_float, check_2d, check_choice, check_finite, check_same_shape, mask_like
 from .aggregation import aggregate
-from .kl import kl_estimate
+from .kl import KL_ESTIMATORS, kl_estimate
 from .masks import masked_mean
 
 RATIO_LEVELS = ("token", "sequence")
@@ -80,6 +81,7 @@ def policy_loss(
     check_2d("logp", logp)
     check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
     eps_high = eps_low if eps_high is None else eps_high
     if not (0 < eps_low < 1) or eps_high <= 0:
         raise ValueError(f"need 0 < eps_low < 1 and eps_high > 0, got eps_low={eps_low}, eps_high={eps_high}")
@@ -98,10 +100,15 @@ def policy_loss(
     on = m > 0
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     # log-ratio only where the mask is on: padding may hold garbage log-probs (even inf)
-    log_ratio = torch.where(on, lp - old, zero).clamp(-max_log_ratio, max_log_ratio)
+    raw = torch.where(on, lp - old, zero)
+    log_ratio = raw.clamp(-max_log_ratio, max_log_ratio)
     if ratio_level == "sequence":
-        seq_log_ratio = (log_ratio.sum(-1) / m.sum(-1).clamp_min(1.0)).clamp(-max_log_ratio, max_log_ratio)
-        log_ratio = seq_log_ratio.detach()[:, None] + (lp - lp.detach())
+        seq_raw = log_ratio.sum(-1) / m.sum(-1).clamp_min(1.0)
+        seq_log_ratio = seq_raw.clamp(-max_log_ratio, max_log_ratio)
+        # GSPO-token form: value sg[log s_i], gradient d lp_t / L_i-weighted by the aggregation; no gradient
+        # where a clamp is active (as for the clamped sequence objective itself)
+        free = on & (raw.abs() < max_log_ratio) & (seq_raw.abs() < max_log_ratio)[:, None]
+        log_ratio = seq_log_ratio.detach()[:, None] + torch.where(free, lp - lp.detach(), zero)
         log_ratio = torch.where(on, log_ratio, zero)
     ratio = torch.exp(log_ratio)
 
@@ -134,8 +141,9 @@ def policy_loss(
         metrics["dual_clip_frac"] = masked_mean(dual_active.to(lp.dtype), m)
         metrics["approx_kl"] = masked_mean(torch.expm1(log_ratio.detach()) - log_ratio.detach(), m)
         metrics["ratio_mean"] = masked_mean(r, m)
-        metrics["ratio_min"] = torch.where(on, r, torch.inf).amin() if on.any() else torch.ones((), device=lp.device)
-        metrics["ratio_max"] = torch.where(on, r, -torch.inf).amax() if on.any() else torch.ones((), device=lp.device)
+        one = torch.ones((), dtype=lp.dtype, device=lp.device)
+        metrics["ratio_min"] = torch.where(on, r, torch.inf).amin() if on.any() else one
+        metrics["ratio_max"] = torch.where(on, r, -torch.inf).amax() if on.any() else one
         if entropy is not None:
             check_same_shape(logp=logp, entropy=entropy)
             metrics["entropy"] = masked_mean(as_float(entropy).detach(), m)
