@@ -28,8 +28,12 @@ from ._checks import as_float, check_2d, check_choice, mask_like
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: Optional[float] = None) -> torch.Tensor:
-    """Reduce per-token losses ``loss_mat: [B, T]`` under ``mask: [B, T]`` to a scalar, by ``mode`` (table above)."""
+def aggregate(
+    loss_mat: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, norm_length: Optional[float] = None
+) -> torch.Tensor:
+    """Reduce per-token losses ``loss_mat: [B, T]`` under ``mask: [B, T]`` to a scalar, by ``loss_agg_mode``
+    (table above)."""
+    mode = loss_agg_mode
     check_choice("loss_agg_mode", mode, LOSS_AGG_MODES)
     check_2d("loss_mat", loss_mat)
     values = as_float(loss_mat)

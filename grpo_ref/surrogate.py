@@ -102,6 +102,7 @@ def policy_loss(
     # log-ratio only where the mask is on: padding may hold garbage log-probs (even inf)
     raw = torch.where(on, lp - old, zero)
     log_ratio = raw.clamp(-max_log_ratio, max_log_ratio)
+    token_log_ratio = log_ratio.detach()  # for approx_kl, whatever the ratio level
     if ratio_level == "sequence":
         seq_raw = log_ratio.sum(-1) / m.sum(-1).clamp_min(1.0)
         seq_log_ratio = seq_raw.clamp(-max_log_ratio, max_log_ratio)
@@ -139,7 +140,7 @@ def policy_loss(
         metrics["clip_frac_low"] = masked_mean(((r < lo) & (adv < 0)).to(lp.dtype), m)
         metrics["clip_frac_high"] = masked_mean(((r > hi) & (adv > 0)).to(lp.dtype), m)
         metrics["dual_clip_frac"] = masked_mean(dual_active.to(lp.dtype), m)
-        metrics["approx_kl"] = masked_mean(torch.expm1(log_ratio.detach()) - log_ratio.detach(), m)
+        metrics["approx_kl"] = masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, m)
         metrics["ratio_mean"] = masked_mean(r, m)
         one = torch.ones((), dtype=lp.dtype, device=lp.device)
         metrics["ratio_min"] = torch.where(on, r, torch.inf).amin() if on.any() else one

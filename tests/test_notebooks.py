@@ -32,6 +32,7 @@ KERNEL = "python3"
 # actual sample sizes, so these runs check the same claims with less work.
 SMOKE_PARAMETERS: dict[str, dict] = {
     "01_token_level_kl": {"n_samples": 20_000},
+    "02_grpo_loss": {"n_points": 41, "batch": 16},
 }
 
 

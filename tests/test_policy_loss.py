@@ -340,8 +340,10 @@ def test_metrics_equal_slow_counts(ratio_level, adv_kind):
     close(m["ratio_mean"], rs.mean())
     close(m["ratio_min"], rs.min())
     close(m["ratio_max"], rs.max())
-    # approx_kl: k3 estimate of KL(pi_old || pi_theta) on the old samples, mean of (r - 1 - log r) >= 0
-    close(m["approx_kl"], torch.stack([x - 1 - torch.log(x) for x in rs]).mean())
+    # approx_kl: k3 estimate of KL(pi_old || pi_theta) on the old samples, mean of (r - 1 - log r) >= 0 over the
+    # per-token ratios r = pi/pi_old (also under GSPO, where the loss uses the sequence ratio instead)
+    token_rs = [torch.exp(b["lp"][k] - b["old"][k]) for k in ratios]
+    close(m["approx_kl"], torch.stack([x - 1 - torch.log(x) for x in token_rs]).mean())
     assert m["approx_kl"] >= 0
     kl_ref = torch.stack([slow_kl("k3", b["lp"][k], b["ref"][k]) for k in ratios]).mean()
     close(m["kl_ref"], kl_ref.detach())
@@ -650,3 +652,15 @@ def test_compute_advantages_matches_slow_composition(name):
     else:
         close(ret, want_ret, rtol=1e-9, atol=1e-9)
     assert adv.abs().sum() > 0
+
+
+def test_approx_kl_is_per_token_at_both_ratio_levels():
+    """approx_kl estimates KL(pi_old || pi_theta) from the per-token log-ratios, also under GSPO: a sequence whose
+    token log-ratios are +0.3 and -0.3 has a sequence log-ratio of 0, but its tokens did move."""
+    lp = torch.tensor([[0.3, -0.3, 0.0]], dtype=torch.float64)
+    old, adv, mask = torch.zeros_like(lp), torch.ones(1, dtype=torch.float64), torch.ones(1, 3)
+    expected = ((torch.expm1(lp) - lp).sum() / 3).item()
+    for level in ("token", "sequence"):
+        _, metrics = policy_loss(lp, old, adv, mask, ratio_level=level)
+        assert metrics["approx_kl"].item() == pytest.approx(expected, rel=1e-12)
+        assert expected > 0.03

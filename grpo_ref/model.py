@@ -1,0 +1,252 @@
+"""A tiny decoder-only transformer (GPT-style), a KV cache for it, and a value model for PPO's critic.
+
+The training loop never depends on this class: it accepts any causal LM that maps ``input_ids`` (and an
+``attention_mask``) to logits, returned as a tensor or as an object with ``.logits`` (Hugging Face models
+included); :func:`lm_logits` is the one adapter. The tiny model exists so that the book can train a real
+policy on a 2-core CPU in minutes.
+
+Padding convention used everywhere in grpo_ref: prompts are *left*-padded, responses *right*-padded, and the
+position of a token is the number of non-pad tokens before it (``position_ids = cumsum(mask) - 1``), so a
+prompt gets the same positions whatever padding its batch needed.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A KV cache: one (keys, values) pair per layer, each [B, n_head, T_past, head_dim].
+KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class GPTConfig:
+    """Size of :class:`TinyGPT`. ``block_size`` is the longest sequence (prompt + response) it can see."""
+
+    vocab_size: int = 16
+    block_size: int = 32
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+@dataclass
+class LMOutput:
+    """What :meth:`TinyGPT.forward` returns: ``logits [B, T, V]``, the updated cache if asked, the last hidden states."""
+
+    logits: torch.Tensor
+    past_key_values: Optional[KVCache] = None
+    hidden_states: Optional[torch.Tensor] = None
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` 0/1 mask -> ``[B, T]`` positions: number of real tokens before each one (0 on left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``x: [B, T_new, C]``, ``allowed: [B, 1, T_new, T_past + T_new]`` bool (True = may attend).
+
+        Returns the output ``[B, T_new, C]`` and the keys/values of all ``T_past + T_new`` positions.
+        """
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+
+    def forward(self, x, allowed, past=None):
+        a, kv = self.attn(self.ln1(x), allowed, past)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), kv
+
+
+class TinyGPT(nn.Module):
+    """Decoder-only transformer with learned positions and a KV cache (no dropout: the forward is deterministic).
+
+    ``forward(input_ids [B, T], attention_mask [B, T] | None, position_ids | None, past_key_values | None,
+    use_cache=False) -> LMOutput(logits [B, T, V], past_key_values, hidden_states [B, T, C])``.
+    """
+
+    supports_kv_cache = True
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by 1/sqrt(2 n_layer)
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: bool = False,
+    ) -> LMOutput:
+        """Args:
+            input_ids: ``[B, T_new]`` token ids (the new tokens only when a cache is passed).
+            attention_mask: ``[B, T_past + T_new]`` 0/1, 0 on padding; None = all ones.
+            position_ids: ``[B, T_new]``; None = derived from ``attention_mask`` (see the module docstring).
+            past_key_values: the cache returned by a previous call with ``use_cache=True``.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        b, t_new = input_ids.shape
+        t_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        t_all = t_past + t_new
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t_all, dtype=torch.long, device=dev)
+        if tuple(attention_mask.shape) != (b, t_all):
+            raise ValueError(f"attention_mask must be [B, T_past + T_new] = [{b}, {t_all}], got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)[:, t_past:]
+        if int(position_ids.max()) >= self.config.block_size:
+            raise ValueError(f"sequence longer than block_size={self.config.block_size}")
+        # query i (absolute index t_past + i) may see key j if j <= t_past + i and key j is not padding;
+        # it always sees itself, so a padding query never has an empty row (softmax of all -inf is NaN).
+        q_idx = torch.arange(t_past, t_all, device=dev)[:, None]
+        k_idx = torch.arange(t_all, device=dev)[None, :]
+        allowed = (k_idx <= q_idx)[None] & attention_mask.bool()[:, None, :]
+        allowed = (allowed | (k_idx == q_idx)[None])[:, None]  # [B, 1, T_new, T_all]
+
+        x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
+        new_cache: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, allowed, None if past_key_values is None else past_key_values[i])
+            new_cache.append(kv)
+        h = self.ln_f(x)
+        return LMOutput(self.lm_head(h), new_cache if use_cache else None, h)
+
+
+class ValueModel(nn.Module):
+    """PPO's critic: a transformer body plus a scalar head, ``V(s_t)`` for every position.
+
+    ``backbone`` is any causal LM (usually a copy of the policy: PPO-RLHF initialises the critic from a
+    trained model). Its last hidden states are read from ``LMOutput.hidden_states`` (:class:`TinyGPT`) or by
+    calling it with ``output_hidden_states=True`` (Hugging Face models). The head starts at zero
+    (weights ``N(0, init_std)``, bias 0), so the first values are ~0 and do not swamp early advantages.
+
+    ``forward(input_ids [B, T], attention_mask [B, T]) -> values [B, T]`` (float32).
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, init_std: float = 1e-3):
+        super().__init__()
+        self.backbone = backbone
+        self.v_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.v_head.weight, std=init_std)
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = last_hidden_state(self.backbone, input_ids, attention_mask)
+        return self.v_head(h.float()).squeeze(-1)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _call(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], **extra):
+    kwargs = dict(extra)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+        if _accepts(model, "position_ids"):
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    return model(input_ids=input_ids, **kwargs)
+
+
+def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of any causal LM: ``model(input_ids=..., attention_mask=..., position_ids=...)``.
+
+    ``position_ids`` (from the mask, so left padding does not shift positions) is passed when the model's
+    ``forward`` accepts it. The result may be a tensor, an object with ``.logits``, or a tuple whose first item
+    is the logits; anything else raises ``TypeError``.
+    """
+    out = _call(model, input_ids, attention_mask)
+    logits = out if torch.is_tensor(out) else getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        logits = out[0]
+    if logits is None:
+        raise TypeError(f"model returned {type(out).__name__}; expected logits as a tensor or an object with .logits")
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits must be [B, T, V] with [B, T] = {tuple(input_ids.shape)}, got {tuple(logits.shape)}")
+    return logits
+
+
+def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, T, C]`` last-layer hidden states of :class:`TinyGPT` or of a Hugging Face causal LM."""
+    if isinstance(model, TinyGPT):
+        return _call(model, input_ids, attention_mask).hidden_states
+    out = _call(model, input_ids, attention_mask, output_hidden_states=True)
+    hidden = getattr(out, "hidden_states", None)
+    if hidden is None:
+        raise TypeError(f"{type(model).__name__} does not return hidden_states; pass your own critic module instead")
+    return hidden[-1] if isinstance(hidden, (tuple, list)) else hidden
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """Width of the last hidden state: ``config.n_embd`` (TinyGPT, GPT-2) or ``config.hidden_size`` (Llama, most HF)."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_embd", "hidden_size", "d_model"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}; build ValueModel(backbone, hidden_size) yourself")

@@ -1,0 +1,252 @@
+"""Sampling completions from the policy: ``G`` per prompt, with a KV cache, EOS stopping and right padding.
+
+The seed outline scored random token ids that the policy never produced, so its "policy gradient" pushed on
+actions the policy did not take. Here every response token is *sampled from the policy* (at temperature ``tau``)
+and its log-probability under the distribution that was sampled, ``log softmax(z / tau)``, is kept.
+
+Layout of a rollout batch (``B = n_prompts * G`` rows, the ``G`` completions of a prompt contiguous, the
+convention of :mod:`grpo_ref.advantages`):
+
+* ``prompt_ids, prompt_mask: [B, P]`` left-padded prompts;
+* ``response_ids: [B, N]`` right-padded with ``pad_id`` after EOS;
+* ``response_mask: [B, N]`` 1 on response tokens up to and including the first EOS (:func:`response_mask`);
+* ``sample_logp: [B, N]`` log-probs at sampling time (0 where the mask is 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .logprobs import token_logprobs
+from .masks import response_mask
+from .model import lm_logits, position_ids_from_mask
+
+
+TRUNCATION_MODES = ("keep", "mask", "penalize")
+
+
+@dataclass
+class Generation:
+    """Output of :func:`generate`: ``tokens [B, N]`` (pad after EOS), ``logp [B, N]``, ``mask [B, N]``, ``finished [B]``."""
+
+    tokens: torch.Tensor
+    logp: torch.Tensor
+    mask: torch.Tensor
+    finished: torch.Tensor
+
+
+def _next_token(logits: torch.Tensor, temperature: float, greedy: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``[B, V]`` last-position logits -> ``[B]`` token ids (argmax if greedy, else a draw from softmax(z / tau))."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: Optional[torch.Generator] = None,
+    use_cache: Optional[bool] = None,
+) -> Generation:
+    """Autoregressive sampling of up to ``max_new_tokens`` tokens per row, stopping a row at its first EOS.
+
+    Args:
+        model: any causal LM (see :func:`grpo_ref.model.lm_logits`).
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts and their 0/1 mask.
+        temperature: ``tau > 0``; the log-probs returned are those of ``softmax(z / tau)`` (also when greedy).
+        greedy: take the argmax instead of sampling (evaluation).
+        generator: the ``torch.Generator`` the draws come from (on the model's device); None = torch's global RNG.
+        use_cache: reuse keys/values of the prefix (models with ``supports_kv_cache``, i.e. :class:`TinyGPT`);
+            None = whenever the model supports it. Without it the whole prefix is recomputed for every new token.
+    Returns:
+        :class:`Generation`; finished rows are padded with ``pad_id`` and masked out after their EOS.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must be equal [B, P] shapes, got {tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    cached = getattr(model, "supports_kv_cache", False) if use_cache is None else use_cache
+    if cached and not getattr(model, "supports_kv_cache", False):
+        raise ValueError(f"{type(model).__name__} has no KV cache support; use use_cache=False")
+    b, dev = prompt_ids.shape[0], prompt_ids.device
+    ids, attn = prompt_ids, prompt_mask.long()
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    tokens, logps = [], []
+    past = None
+    for step in range(max_new_tokens):
+        if cached:
+            new = ids if past is None else ids[:, -1:]
+            pos = position_ids_from_mask(attn)[:, -new.shape[1]:]
+            out = model(new, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        else:
+            logits = lm_logits(model, ids, attn)[:, -1]
+        tok = _next_token(logits, temperature, greedy, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        logps.append(torch.where(done, 0.0, token_logprobs(logits, tok, temperature)))
+        tokens.append(tok)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+    tokens_t = torch.stack(tokens, dim=1)
+    mask = response_mask(tokens_t.shape[1], torch.zeros(b, dtype=torch.long, device=dev), tokens=tokens_t, eos_token_id=eos_id).to(dev)
+    return Generation(tokens_t, torch.stack(logps, dim=1) * mask, mask, done)
+
+
+@dataclass
+class Rollout:
+    """A batch of ``B = n_prompts * G`` sampled completions; shapes in the module docstring.
+
+    ``pairs [B, 2]`` (the task's prompt data), ``rewards [B]``, ``correct [B]`` bool, ``truncated [B]`` bool (no EOS
+    within the budget), ``loss_mask [B, N]`` (``response_mask`` with truncated rows zeroed if the trainer asks).
+    """
+
+    pairs: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    sample_logp: torch.Tensor
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    truncated: torch.Tensor
+    group_size: int
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """``[B, P + N]`` prompt and response, for the training forward pass."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[B, P + N]``: the prompt mask, then the response mask (EOS included, padding after it excluded)."""
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout restricted to ``rows`` (a 1-D index or bool tensor); ``group_size`` unchanged."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{k: (v[rows.to(v.device)] if torch.is_tensor(v) else v) for k, v in kw.items()})
+
+    @staticmethod
+    def cat(parts: "list[Rollout]") -> "Rollout":
+        """Concatenate rollouts along the batch (responses right-padded to the longest, prompts left-padded)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        n = max(p.response_ids.shape[1] for p in parts)
+        pl = max(p.prompt_ids.shape[1] for p in parts)
+        out = {}
+        for f in fields(Rollout):
+            if f.name == "group_size":
+                continue
+            vals = []
+            for p in parts:
+                v = getattr(p, f.name)
+                if f.name in ("response_ids", "response_mask", "loss_mask", "sample_logp"):
+                    v = torch.nn.functional.pad(v, (0, n - v.shape[1]))  # id 0 under mask 0: never attended to
+                elif f.name in ("prompt_ids", "prompt_mask"):
+                    v = torch.nn.functional.pad(v, (pl - v.shape[1], 0))
+                vals.append(v)
+            out[f.name] = torch.cat(vals, dim=0)
+        return Rollout(**out, group_size=parts[0].group_size)
+
+
+def rollout(
+    model: nn.Module,
+    task,
+    pairs: torch.Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    truncation: str = "keep",
+    truncation_reward: float = -1.0,
+    device: Optional[torch.device] = None,
+    use_cache: Optional[bool] = None,
+) -> Rollout:
+    """Sample ``group_size`` completions for each prompt of ``pairs`` and score them with ``task.score``.
+
+    Args:
+        model: the policy (any causal LM); put in eval mode for sampling and restored afterwards.
+        task: an object with ``encode_prompts(pairs) -> (ids, mask)``, ``score(pairs, responses) -> (rewards,
+            correct)`` and ``tokenizer.eos_id / pad_id`` (e.g. :class:`~grpo_ref.tasks.AdditionTask`).
+        pairs: ``[n_prompts, ...]`` prompt data of the task.
+        truncation: what to do with completions that hit ``max_new_tokens`` without EOS: ``"keep"`` (train on
+            them with the task's reward, 0 for the addition task), ``"mask"`` (zero their ``loss_mask``: no
+            gradient from them, TRL's ``mask_truncated_completions``; their reward still enters the group
+            statistics) or ``"penalize"`` (their reward becomes ``truncation_reward``).
+        device: where the batch goes; default the model's device.
+    Returns:
+        :class:`Rollout` with ``B = n_prompts * group_size`` rows.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"unknown truncation {truncation!r}; expected one of {TRUNCATION_MODES}")
+    if device is None:
+        device = next(model.parameters()).device
+    pairs = pairs.repeat_interleave(group_size, dim=0)
+    prompt_ids, prompt_mask = task.encode_prompts(pairs)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        gen = generate(model, prompt_ids, prompt_mask, max_new_tokens, task.tokenizer.eos_id, task.tokenizer.pad_id,
+                       temperature=temperature, generator=generator, use_cache=use_cache)
+    finally:
+        model.train(was_training)
+    rewards, correct = task.score(pairs, gen.tokens.cpu())
+    truncated = ~gen.finished
+    if truncation == "penalize":
+        rewards = torch.where(truncated.cpu(), torch.full_like(rewards, truncation_reward), rewards)
+    loss_mask = gen.mask * (~truncated).to(gen.mask.dtype)[:, None] if truncation == "mask" else gen.mask
+    return Rollout(pairs, prompt_ids, prompt_mask, gen.tokens, gen.mask, loss_mask, gen.logp,
+                   rewards.to(device), correct.to(device), truncated, group_size)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    task,
+    pairs: Optional[torch.Tensor] = None,
+    batch_size: int = 512,
+    device: Optional[torch.device] = None,
+) -> Tuple[float, float]:
+    """Greedy (argmax) accuracy and mean reward of ``model`` on ``pairs`` (default the task's eval split).
+
+    Greedy decoding needs no random numbers, so evaluating never changes a run's random stream.
+    """
+    if pairs is None:
+        pairs = task.eval_pairs()
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, reward = 0.0, 0.0
+    try:
+        for start in range(0, pairs.shape[0], batch_size):
+            chunk = pairs[start : start + batch_size]
+            ids, mask = task.encode_prompts(chunk)
+            gen = generate(model, ids.to(device), mask.to(device), task.max_new_tokens, task.tokenizer.eos_id,
+                           task.tokenizer.pad_id, greedy=True)
+            r, c = task.score(chunk, gen.tokens.cpu())
+            correct += float(c.sum())
+            reward += float(r.sum())
+    finally:
+        model.train(was_training)
+    return correct / pairs.shape[0], reward / pairs.shape[0]

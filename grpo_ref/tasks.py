@@ -1,0 +1,214 @@
+"""A verifiable task for RL on a CPU: multi-digit addition, ``"12+34="`` -> ``"46"``, with a character tokenizer.
+
+Why addition: the answer is checked exactly by a parser (a verifiable reward, as in DeepSeekMath/R1's math
+rewards), prompts are unlimited, and a tiny transformer can learn it, but not from a few seconds of supervised
+warm start: that leaves the policy right on some prompts and wrong on most, which is where RL has work to do.
+
+The reward never evaluates model text. :func:`parse_answer` accepts only a canonical decimal integer (a
+whitelist regex: digits, no sign, no leading zero, bounded length); ``"2**99"``, ``"__import__('os')"``,
+``"1e9"`` or ``" 4"`` are rejected and score 0. (Reward functions that ``eval()`` model output can be made to
+hang by ``9**9**9``; see the pitfalls chapter.)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+class CharTokenizer:
+    """Character-level tokenizer: ids 0, 1, 2 are ``pad``, ``bos``, ``eos``; then one id per character."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, chars: str = "0123456789+="):
+        if len(set(chars)) != len(chars):
+            raise ValueError(f"characters must be distinct, got {chars!r}")
+        self.chars = chars
+        self.stoi = {ch: i + 3 for i, ch in enumerate(chars)}
+        self.itos = {i: ch for ch, i in self.stoi.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 3
+
+    def encode(self, text: str) -> List[int]:
+        bad = sorted(set(text) - set(self.stoi))
+        if bad:
+            raise ValueError(f"characters {bad} are not in the vocabulary {self.chars!r}")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids: Sequence[int], stop_at_eos: bool = True) -> str:
+        """Characters of ``ids``; special ids are dropped, and decoding stops at the first EOS if asked."""
+        out = []
+        for i in (int(x) for x in ids):
+            if i == self.eos_id and stop_at_eos:
+                break
+            if i in self.itos:
+                out.append(self.itos[i])
+        return "".join(out)
+
+
+def parse_answer(text: str, max_digits: int) -> Optional[int]:
+    """The integer written in ``text`` if it is a canonical decimal of at most ``max_digits`` digits, else None.
+
+    Whitelist, never ``eval``: ``0`` or ``[1-9][0-9]*``, nothing else (no sign, spaces, operators, exponents).
+    """
+    if not isinstance(text, str) or len(text) > max_digits:
+        return None
+    if re.fullmatch(r"0|[1-9][0-9]*", text) is None:
+        return None
+    return int(text)
+
+
+@dataclass
+class AdditionTask:
+    """Addition of two ``n_digits``-digit numbers (``0 .. 10**n_digits - 1``), written without leading zeros.
+
+    ``eval_size`` distinct pairs, drawn with ``seed``, form the eval split; training prompts are drawn from all
+    other pairs, so the two splits are disjoint. ``format_reward`` is paid for a well-formed answer (digits then
+    EOS) whether or not it is right; a correct answer gets ``1 + format_reward``.
+    """
+
+    n_digits: int = 2
+    eval_size: int = 256
+    seed: int = 0
+    format_reward: float = 0.1
+    zero_pad: bool = True  # operands written with n_digits digits ("07+35="): digits line up, learning is faster
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_digits, int) or not 1 <= self.n_digits <= 6:
+            raise ValueError(f"n_digits must be an int in [1, 6], got {self.n_digits!r}")
+        n_pairs = self.base**2
+        if not isinstance(self.eval_size, int) or not 0 < self.eval_size <= n_pairs // 2:
+            raise ValueError(f"eval_size must be in [1, {n_pairs // 2}] (half of the {n_pairs} pairs), got {self.eval_size!r}")
+        if self.format_reward < 0:
+            raise ValueError(f"format_reward must be >= 0, got {self.format_reward}")
+        self.tokenizer = CharTokenizer("0123456789+=")
+        g = torch.Generator().manual_seed(self.seed)
+        if n_pairs <= 1 << 22:
+            idx = torch.randperm(n_pairs, generator=g)[: self.eval_size]
+        else:
+            idx = torch.unique(torch.randint(0, n_pairs, (2 * self.eval_size,), generator=g))
+            idx = idx[torch.randperm(idx.numel(), generator=g)][: self.eval_size]
+        self._eval_idx = idx.sort().values  # pair index a * base + b
+
+    # -- sizes ---------------------------------------------------------------------------------------------------
+    @property
+    def base(self) -> int:
+        return 10**self.n_digits
+
+    @property
+    def max_answer_digits(self) -> int:
+        return self.n_digits + 1
+
+    @property
+    def max_prompt_len(self) -> int:
+        """BOS + two operands + '+' + '='."""
+        return 1 + 2 * self.n_digits + 2
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Longest correct response: the answer digits plus EOS."""
+        return self.max_answer_digits + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+    # -- prompts ---------------------------------------------------------------------------------------------------
+    def sample_train(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``[n, 2]`` int64 operand pairs from the training split (never an eval pair), drawn with ``generator``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        idx = torch.randint(0, self.base**2, (n,), generator=generator)
+        while True:
+            clash = torch.isin(idx, self._eval_idx)
+            if not clash.any():
+                break
+            idx[clash] = torch.randint(0, self.base**2, (int(clash.sum()),), generator=generator)
+        return torch.stack([idx // self.base, idx % self.base], dim=-1)
+
+    def eval_pairs(self) -> torch.Tensor:
+        """``[eval_size, 2]`` the fixed eval split."""
+        return torch.stack([self._eval_idx // self.base, self._eval_idx % self.base], dim=-1)
+
+    def is_eval_pair(self, pairs: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: which pairs belong to the eval split."""
+        return torch.isin(pairs[:, 0] * self.base + pairs[:, 1], self._eval_idx)
+
+    def prompt_text(self, a: int, b: int) -> str:
+        if self.zero_pad:
+            return f"{a:0{self.n_digits}d}+{b:0{self.n_digits}d}="
+        return f"{a}+{b}="
+
+    def encode_prompts(self, pairs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts: ``(input_ids [N, P], attention_mask [N, P])``, each row ``BOS a + b =``."""
+        rows = [[self.tokenizer.bos_id] + self.tokenizer.encode(self.prompt_text(int(a), int(b))) for a, b in pairs.tolist()]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return ids, mask
+
+    def answer_ids(self, a: int, b: int) -> List[int]:
+        """The target response: digits of ``a + b`` followed by EOS."""
+        return self.tokenizer.encode(str(a + b)) + [self.tokenizer.eos_id]
+
+    # -- reward ----------------------------------------------------------------------------------------------------
+    def score(self, pairs: torch.Tensor, responses: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Verifiable reward of sampled responses.
+
+        Args:
+            pairs: ``[N, 2]`` operands.
+            responses: ``[N, L]`` response token ids (right-padded; may or may not contain EOS).
+        Returns:
+            ``(rewards [N] float32, correct [N] bool)``: ``1 + format_reward`` if right, ``format_reward`` if a
+            well-formed number ended by EOS but wrong, 0 otherwise (no EOS, a special or non-digit token inside).
+        """
+        if pairs.shape[0] != responses.shape[0]:
+            raise ValueError(f"pairs has {pairs.shape[0]} rows but responses has {responses.shape[0]}")
+        tok = self.tokenizer
+        rewards = torch.zeros(pairs.shape[0], dtype=torch.float32)
+        correct = torch.zeros(pairs.shape[0], dtype=torch.bool)
+        for i, (row, (a, b)) in enumerate(zip(responses.tolist(), pairs.tolist())):
+            if tok.eos_id not in row:
+                continue
+            body = row[: row.index(tok.eos_id)]
+            if any(t not in tok.itos for t in body):  # a pad or BOS inside the answer
+                continue
+            value = parse_answer(tok.decode(body), self.max_answer_digits)
+            if value is None:
+                continue
+            correct[i] = value == a + b
+            rewards[i] = self.format_reward + float(correct[i])
+        return rewards, correct
+
+    # -- supervised data -------------------------------------------------------------------------------------------
+    def supervised_batch(self, pairs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt + correct answer + EOS for teacher forcing.
+
+        Returns ``(input_ids [N, T], attention_mask [N, T], loss_mask [N, T])``: prompts left-padded, answers
+        right-padded; ``loss_mask[i, t] = 1`` where ``input_ids[i, t]`` is an answer token (EOS included), so the
+        logits at ``t - 1`` are trained to predict it.
+        """
+        prompts, pmask = self.encode_prompts(pairs)
+        answers = [self.answer_ids(a, b) for a, b in pairs.tolist()]
+        width = max(len(r) for r in answers)
+        n, p = prompts.shape
+        resp = torch.full((n, width), self.tokenizer.pad_id, dtype=torch.long)
+        rmask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(answers):
+            resp[i, : len(r)] = torch.tensor(r)
+            rmask[i, : len(r)] = 1
+        ids = torch.cat([prompts, resp], dim=1)
+        attn = torch.cat([pmask, rmask], dim=1)
+        loss_mask = torch.cat([torch.zeros_like(pmask), rmask], dim=1)
+        return ids, attn, loss_mask

@@ -1,0 +1,493 @@
+"""The training loop: sample, score, compute advantages, then ``mu`` epochs of clipped minibatch updates.
+
+One config field switches the algorithm: ``TrainConfig(algo="grpo")`` or ``"ppo"`` (or any preset of
+:data:`grpo_ref.algorithms.PRESETS`). Everything algorithm-specific comes from the lead modules:
+``get_preset`` builds the :class:`~grpo_ref.algorithms.AlgoConfig`, ``compute_advantages`` turns rewards into
+advantages (GRPO: group-normalised; PPO: GAE over the critic's values with the KL in the reward), and
+``compute_loss`` gives the loss (GRPO: clipped surrogate + k3 KL; PPO: clipped surrogate + clipped value loss).
+The loop itself is the same for all of them:
+
+1. draw ``prompts_per_step`` training prompts, sample ``G`` completions each from the current policy
+   (``pi_old``), score them with the verifiable reward;
+2. DAPO dynamic sampling if the preset asks (``filter_groups``): drop groups whose rewards are all equal and
+   sample more prompts, up to ``filter_rounds`` times;
+3. with no gradient: ``old_logp`` (recomputed with a full forward pass, the ratio's denominator),
+   ``ref_logp`` from the frozen reference copy, and, for PPO, the critic's ``old_values``;
+4. advantages (and PPO returns);
+5. ``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches: forward, loss, backward,
+   gradient clipping, optimizer step. From the second minibatch on ``pi_theta != pi_old``, so the ratio moves
+   away from 1 and the clip acts (with one update per rollout, as in DeepSeekMath, it never would).
+
+Before every optimizer step the loss and the gradient norms are checked: a NaN/inf raises
+:class:`NonFiniteError` naming the step and the metric, and the step is not taken.
+Reproducible on CPU: all randomness comes from two ``torch.Generator`` objects the trainer owns, and a
+checkpoint stores their states, so a resumed run equals the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .algorithms import GROUP_ESTIMATORS, PRESETS, AlgoConfig, LossInputs, compute_advantages, compute_loss, get_preset
+from .logprobs import token_entropy, token_logprobs
+from .masks import masked_mean
+from .model import GPTConfig, TinyGPT, ValueModel, hidden_size_of, lm_logits
+from .rollout import TRUNCATION_MODES, Rollout, evaluate, rollout
+
+try:  # optional progress bar
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover - exercised only without tqdm
+    _tqdm = None
+
+# Metrics that measure time: they differ between two runs of the same seed, everything else must not.
+TIME_METRICS = ("time_step_s", "time_rollout_s", "tokens_per_s")
+
+
+class NonFiniteError(FloatingPointError):
+    """A reward, loss or gradient became NaN/inf; raised before the optimizer step that would have used it."""
+
+    def __init__(self, step: int, metric: str, value: float, where: str = ""):
+        self.step, self.metric, self.value = step, metric, value
+        super().__init__(
+            f"step {step}: non-finite {metric} = {value}{where}; stopped before the optimizer step, so no weight was "
+            "updated with it (earlier minibatches of this step, if any, were applied)"
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs besides the model and the task; validated at construction (``ValueError``).
+
+    ``algo`` names a preset of :data:`~grpo_ref.algorithms.PRESETS`; ``algo_overrides`` changes its fields
+    (e.g. ``{"kl_coef": 0.0, "eps_high": 0.28}``). ``group_size`` (G) is copied into the preset.
+    ``max_new_tokens=None`` takes the task's ``max_new_tokens``. ``eval_every=0`` disables evaluation.
+    """
+
+    algo: str = "grpo"
+    algo_overrides: Dict[str, Any] = field(default_factory=dict)
+    group_size: int = 8
+    prompts_per_step: int = 16
+    steps: int = 200
+    lr: float = 1e-3
+    critic_lr: float = 1e-3
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first steps (both optimizers)
+    weight_decay: float = 0.0
+    ppo_epochs: int = 2  # mu: passes over each rollout batch
+    minibatches: int = 2  # optimizer steps per epoch
+    max_grad_norm: Optional[float] = 1.0
+    temperature: float = 1.0
+    max_new_tokens: Optional[int] = None
+    truncation: str = "keep"  # "keep", "mask" or "penalize" (see grpo_ref.rollout.rollout)
+    truncation_reward: float = -1.0
+    filter_rounds: int = 4  # DAPO dynamic sampling: extra sampling rounds to refill dropped groups
+    eval_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    use_cache: Optional[bool] = None  # KV cache when sampling; None = if the model supports it
+
+    def __post_init__(self) -> None:
+        if self.algo not in PRESETS:
+            raise ValueError(f"unknown algorithm {self.algo!r}; expected one of {sorted(PRESETS)}")
+        if not isinstance(self.algo_overrides, dict):
+            raise ValueError(f"algo_overrides must be a dict, got {type(self.algo_overrides).__name__}")
+        known = {f.name for f in fields(AlgoConfig)}
+        unknown = sorted(set(self.algo_overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown algo_overrides {unknown}; AlgoConfig fields are {sorted(known)}")
+        if "group_size" in self.algo_overrides:
+            raise ValueError("set TrainConfig.group_size, not algo_overrides['group_size']")
+        preset = PRESETS[self.algo]
+        if preset.adv_estimator in GROUP_ESTIMATORS and self.group_size < 2:
+            raise ValueError(
+                f"algo {self.algo!r} uses group-relative advantages ({preset.adv_estimator}) and needs group_size >= 2, "
+                f"got {self.group_size}"
+            )
+        checks = {
+            "group_size": self.group_size >= 1,
+            "prompts_per_step": self.prompts_per_step >= 1,
+            "steps": self.steps >= 0,
+            "lr": self.lr > 0,
+            "critic_lr": self.critic_lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "ppo_epochs": self.ppo_epochs >= 1,
+            "minibatches": 1 <= self.minibatches <= self.group_size * self.prompts_per_step,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "temperature": self.temperature > 0 and math.isfinite(self.temperature),
+            "max_new_tokens": self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "filter_rounds": self.filter_rounds >= 0,
+            "eval_every": self.eval_every >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid TrainConfig.{name} = {getattr(self, name)!r}")
+        if self.truncation not in TRUNCATION_MODES:
+            raise ValueError(f"unknown truncation {self.truncation!r}; expected one of {TRUNCATION_MODES}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"invalid device {self.device!r}: {e}") from None
+        self.algo_config()  # AlgoConfig validates eps, kl_coef, ... and raises ValueError
+
+    def algo_config(self) -> AlgoConfig:
+        """The preset with ``group_size`` and the overrides applied."""
+        return get_preset(self.algo, group_size=self.group_size, **self.algo_overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        return cls(**d)
+
+
+def response_logprobs(
+    model: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False
+) -> tuple:
+    """Log-probs ``[B, N]`` of the response tokens under ``model`` (one forward pass over prompt + response),
+    and their entropies ``[B, N]`` (or None). The logits at ``P - 1 + t`` score response token ``t``."""
+    p = batch.prompt_ids.shape[1]
+    logits = lm_logits(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+    logp = token_logprobs(logits, batch.response_ids, temperature)
+    return logp, (token_entropy(logits, temperature) if with_entropy else None)
+
+
+def response_values(critic: nn.Module, batch: Rollout) -> torch.Tensor:
+    """Critic values ``[B, N]``: ``V`` of the state before each response token (same shift as the logits)."""
+    p = batch.prompt_ids.shape[1]
+    return critic(batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+
+
+def _group_has_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[n_groups]`` bool: the group's rewards are not all equal (DAPO keeps only these)."""
+    g = rewards.view(-1, group_size)
+    return g.amax(-1) > g.amin(-1)
+
+
+class Trainer:
+    """PPO/GRPO trainer for a causal LM on a verifiable task.
+
+    Args:
+        policy: any causal LM (``input_ids, attention_mask -> logits`` or ``.logits``); trained in place.
+        task: e.g. :class:`~grpo_ref.tasks.AdditionTask` (``sample_train``, ``encode_prompts``, ``score``,
+            ``eval_pairs``, ``tokenizer``, ``max_new_tokens``).
+        config: :class:`TrainConfig`.
+        critic: PPO's value model ``(input_ids, attention_mask) -> [B, T]``; default a
+            :class:`~grpo_ref.model.ValueModel` on a copy of the policy with a zero-initialised head.
+        reference: the frozen reference policy of the KL term; default a copy of ``policy`` as given.
+
+    Use: ``metrics = trainer.step()`` (one rollout + update), ``trainer.train(out_dir=...)``,
+    ``trainer.evaluate()``, ``trainer.save(path)`` / ``trainer.load(path)``.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        task,
+        config: TrainConfig,
+        critic: Optional[nn.Module] = None,
+        reference: Optional[nn.Module] = None,
+    ):
+        self.config = config
+        self.algo = config.algo_config()
+        self.task = task
+        self.device = torch.device(config.device)
+        self.max_new_tokens = config.max_new_tokens or task.max_new_tokens
+        self.policy = policy.to(self.device)
+        self.reference = (copy.deepcopy(policy) if reference is None else reference).to(self.device)
+        self.reference.eval().requires_grad_(False)
+        self.uses_critic = self.algo.loss_fn == "ppo"
+        self.critic = None
+        if self.uses_critic:
+            self.critic = (critic if critic is not None else ValueModel(copy.deepcopy(policy), hidden_size_of(policy))).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.critic_optimizer = (
+            torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr, weight_decay=config.weight_decay) if self.critic else None
+        )
+        # Two generators: prompts and minibatch shuffles on the CPU (device independent), token draws on the device.
+        self.prompt_generator = torch.Generator().manual_seed(config.seed)
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.step_count = 0
+        self.history: List[Dict[str, float]] = []
+
+    # -- pieces a notebook can call one at a time -------------------------------------------------------------------
+    def rollout(self, pairs: Optional[torch.Tensor] = None) -> Rollout:
+        """Sample ``G`` completions for ``pairs`` (default: ``prompts_per_step`` fresh training prompts)."""
+        cfg = self.config
+        if pairs is None:
+            pairs = self.task.sample_train(cfg.prompts_per_step, self.prompt_generator)
+        return rollout(self.policy, self.task, pairs, cfg.group_size, self.max_new_tokens, cfg.temperature,
+                       self.sample_generator, cfg.truncation, cfg.truncation_reward, self.device, cfg.use_cache)
+
+    def evaluate(self, pairs: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Greedy accuracy and mean reward on the eval split (or ``pairs``): ``{"eval_accuracy", "eval_reward"}``."""
+        acc, rew = evaluate(self.policy, self.task, pairs, device=self.device)
+        return {"eval_accuracy": acc, "eval_reward": rew}
+
+    def _sample_batch(self) -> tuple:
+        """A rollout batch; with DAPO's ``filter_groups``, only groups with reward variance, refilled by resampling."""
+        batch = self.rollout()
+        n_sampled = batch.rewards.numel()
+        if not self.algo.filter_groups:
+            return batch, n_sampled, 1.0
+        g, want = self.config.group_size, self.config.prompts_per_step
+        kept = [batch.select(_group_has_signal(batch.rewards, g).repeat_interleave(g))]
+        first_frac = float(_group_has_signal(batch.rewards, g).float().mean())
+        for _ in range(self.config.filter_rounds):
+            if sum(k.rewards.numel() for k in kept) >= want * g:
+                break
+            extra = self.rollout()
+            n_sampled += extra.rewards.numel()
+            kept.append(extra.select(_group_has_signal(extra.rewards, g).repeat_interleave(g)))
+        batch = Rollout.cat(kept)
+        return batch.select(torch.arange(min(batch.rewards.numel(), want * g), device=self.device)), n_sampled, first_frac
+
+    def _check(self, name: str, value: torch.Tensor, where: str = "") -> None:
+        if not bool(torch.isfinite(value).all()):
+            bad = value[~torch.isfinite(value)].flatten()[0].item()
+            raise NonFiniteError(self.step_count + 1, name, bad, where)
+
+    # -- one step ------------------------------------------------------------------------------------------------------
+    def step(self) -> Dict[str, float]:
+        """One rollout batch and ``ppo_epochs x minibatches`` updates. Returns this step's metrics (also appended
+        to ``self.history``); ``eval_accuracy`` / ``eval_reward`` are added every ``eval_every`` steps."""
+        cfg, algo = self.config, self.algo
+        t0 = time.perf_counter()
+        batch, n_sampled, signal_frac = self._sample_batch()
+        t_rollout = time.perf_counter() - t0
+        metrics: Dict[str, float] = {"step": self.step_count + 1}
+        self._check("reward", batch.rewards)
+        sampled_tokens = float(batch.response_mask.sum())
+        if batch.rewards.numel() == 0:  # DAPO: every group was flat, nothing to learn from
+            metrics.update(skipped=1.0, samples=float(n_sampled), groups_with_signal=signal_frac)
+            return self._finish(metrics, t0, t_rollout, sampled_tokens)
+
+        self._set_lr()
+        mask = batch.loss_mask
+        with torch.no_grad():
+            old_logp, _ = response_logprobs(self.policy, batch, cfg.temperature)
+            ref_logp, _ = response_logprobs(self.reference, batch, cfg.temperature)
+            old_values = response_values(self.critic, batch) if self.critic is not None else None
+        self._check("old_logp", old_logp[mask > 0])
+        adv, returns = compute_advantages(algo, batch.rewards, mask, old_logp=old_logp, ref_logp=ref_logp, values=old_values)
+        self._check("advantages", adv)
+
+        b = batch.rewards.numel()
+        n_mb = min(cfg.minibatches, b)
+        sums: Dict[str, float] = {}
+        grad_norms, critic_norms = [], []
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(b, generator=self.prompt_generator).to(self.device)
+            for k, rows in enumerate(perm.chunk(n_mb)):
+                mb = batch.select(rows)
+                where = f" (epoch {epoch}, minibatch {k})"
+                logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, with_entropy=True)
+                values = response_values(self.critic, mb) if self.critic is not None else None
+                inp = LossInputs(
+                    logp=logp, old_logp=old_logp[rows], advantages=adv[rows], mask=mask[rows], ref_logp=ref_logp[rows],
+                    entropy=entropy, values=values,
+                    old_values=None if old_values is None else old_values[rows],
+                    returns=None if returns is None else returns[rows],
+                )
+                loss, loss_metrics = compute_loss(inp, algo)
+                self._check("loss", loss.detach(), where)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.critic_optimizer is not None:
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = self._clip(self.policy)
+                self._check("grad_norm", grad_norm, where)
+                if self.critic is not None:
+                    critic_norm = self._clip(self.critic)
+                    self._check("critic_grad_norm", critic_norm, where)
+                    critic_norms.append(float(critic_norm))
+                self.optimizer.step()
+                if self.critic_optimizer is not None:
+                    self.critic_optimizer.step()
+                grad_norms.append(float(grad_norm))
+                for name, v in loss_metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(v)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        n_updates = cfg.ppo_epochs * n_mb
+        metrics.update({name: v / n_updates for name, v in sums.items()})
+        m = batch.response_mask
+        metrics.update(
+            reward_mean=float(batch.rewards.mean()),
+            reward_std=float(batch.rewards.std()) if b > 1 else 0.0,
+            train_accuracy=float(batch.correct.float().mean()),
+            response_length=float(m.sum(-1).mean()),
+            truncated_frac=float(batch.truncated.float().mean()),
+            kl_to_ref=float(masked_mean(old_logp - ref_logp, mask)),  # k1 estimate of KL(pi_old || pi_ref)
+            sampler_logp_gap=float(masked_mean((old_logp - batch.sample_logp).abs(), mask)),
+            adv_abs_mean=float(masked_mean(adv.abs(), mask)),
+            grad_norm=sum(grad_norms) / len(grad_norms),
+            samples=float(n_sampled),
+            groups_with_signal=signal_frac,
+            batch_size=float(b),
+        )
+        if critic_norms:
+            metrics["critic_grad_norm"] = sum(critic_norms) / len(critic_norms)
+        return self._finish(metrics, t0, t_rollout, sampled_tokens)
+
+    def _set_lr(self) -> None:
+        """Linear warm-up: step ``k`` (1-based) uses ``lr * min(1, k / warmup_steps)``; a function of the step alone."""
+        w = self.config.warmup_steps
+        scale = min(1.0, (self.step_count + 1) / w) if w else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * scale
+        if self.critic_optimizer is not None:
+            for group in self.critic_optimizer.param_groups:
+                group["lr"] = self.config.critic_lr * scale
+
+    def _clip(self, model: nn.Module) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _finish(self, metrics: Dict[str, float], t0: float, t_rollout: float, sampled_tokens: float) -> Dict[str, float]:
+        self.step_count += 1
+        elapsed = time.perf_counter() - t0
+        metrics.update(time_step_s=elapsed, time_rollout_s=t_rollout, tokens_per_s=sampled_tokens / max(elapsed, 1e-9))
+        if self.config.eval_every and self.step_count % self.config.eval_every == 0:
+            metrics.update(self.evaluate())
+        self.history.append(metrics)
+        return metrics
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def train(
+        self,
+        steps: Optional[int] = None,
+        out_dir: Optional[str] = None,
+        progress: bool = True,
+        checkpoint_every: int = 0,
+        stop_at_accuracy: Optional[float] = None,
+    ) -> List[Dict[str, float]]:
+        """Run until ``steps`` (default ``config.steps``) steps have been taken in total.
+
+        Writes ``metrics.jsonl`` (one JSON object per step, appended on resume) and, if ``checkpoint_every > 0``,
+        ``checkpoint.pt`` into ``out_dir``. Evaluates once before the first step (logged as step 0).
+        ``stop_at_accuracy`` ends the run at the first evaluation that reaches it. Returns ``self.history``.
+        """
+        total = self.config.steps if steps is None else steps
+        log = None
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            log = open(os.path.join(out_dir, "metrics.jsonl"), "a" if self.step_count else "w")
+        try:
+            if self.step_count == 0 and not self.history and self.config.eval_every:
+                first = {"step": 0, **self.evaluate()}
+                self.history.append(first)
+                if log:
+                    log.write(json.dumps(first) + "\n")
+            bar = _tqdm(total=total, initial=self.step_count, disable=not progress, desc=self.config.algo) if _tqdm else None
+            while self.step_count < total:
+                m = self.step()
+                if log:
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: round(m[k], 3) for k in ("reward_mean", "eval_accuracy", "kl_to_ref") if k in m})
+                elif progress and (self.step_count % 10 == 0 or self.step_count == total):
+                    print(f"step {self.step_count}/{total} " + " ".join(f"{k}={m[k]:.3f}" for k in ("reward_mean", "eval_accuracy") if k in m), flush=True)
+                if out_dir is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
+                    self.save(os.path.join(out_dir, "checkpoint.pt"))
+                if stop_at_accuracy is not None and m.get("eval_accuracy", -1.0) >= stop_at_accuracy:
+                    break
+            if bar is not None:
+                bar.close()
+        finally:
+            if log:
+                log.close()
+        return self.history
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """All state, as tensors and plain containers (loadable with ``torch.load(..., weights_only=True)``)."""
+        rng = {
+            "prompt": self.prompt_generator.get_state(),
+            "sample": self.sample_generator.get_state(),
+            "torch_cpu": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state_all()
+        model_config = self.policy.config.to_dict() if isinstance(self.policy, TinyGPT) else None
+        return {
+            "format": 1,
+            "step": self.step_count,
+            "config": self.config.to_dict(),
+            "task": self.task.to_dict() if hasattr(self.task, "to_dict") else None,
+            "model_config": model_config,
+            "policy": self.policy.state_dict(),
+            "reference": self.reference.state_dict(),
+            "critic": self.critic.state_dict() if self.critic is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
+            "rng": rng,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the models and config must match the checkpoint's)."""
+        if state.get("format") != 1:
+            raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
+        if state["config"] != self.config.to_dict():
+            diff = sorted(k for k in state["config"] if state["config"][k] != self.config.to_dict().get(k))
+            raise ValueError(f"checkpoint was written with a different TrainConfig (fields {diff})")
+        if (state["critic"] is None) != (self.critic is None):
+            raise ValueError("checkpoint and trainer disagree on having a critic")
+        self.policy.load_state_dict(state["policy"])
+        self.reference.load_state_dict(state["reference"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        rng = state["rng"]
+        self.prompt_generator.set_state(rng["prompt"])
+        self.sample_generator.set_state(rng["sample"])
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["torch_cuda"])
+        self.step_count = int(state["step"])
+        self.history = [dict(h) for h in state["history"]]
+
+    def save(self, path: str) -> None:
+        """Write :meth:`state_dict` to ``path`` (atomically: a temporary file, then a rename)."""
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> None:
+        """Resume from a file written by :meth:`save` (``weights_only=True``: no code is unpickled)."""
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    @classmethod
+    def from_checkpoint(cls, path: str) -> "Trainer":
+        """Rebuild a :class:`TinyGPT` + :class:`~grpo_ref.tasks.AdditionTask` trainer from a checkpoint and resume it."""
+        from .tasks import AdditionTask
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("model_config") is None or state.get("task") is None:
+            raise ValueError("this checkpoint holds a foreign model; build the Trainer yourself and call .load(path)")
+        config = TrainConfig.from_dict(state["config"])
+        trainer = cls(TinyGPT(GPTConfig(**state["model_config"])), AdditionTask(**state["task"]), config)
+        trainer.load_state_dict(state)
+        return trainer
+
+
+def load_metrics(path: str) -> List[Dict[str, float]]:
+    """Read a ``metrics.jsonl`` file (or the folder holding one) into a list of dicts."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
