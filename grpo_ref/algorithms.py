@@ -145,14 +145,18 @@ def _policy_part(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[s
 def grpo_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Critic-free actor loss (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++): the clipped surrogate of
     :func:`~grpo_ref.surrogate.policy_loss` with ``cfg``'s clip, ratio level, aggregation and (if
-    ``kl_placement == "loss"``) KL term, minus ``ent_coef`` times the entropy. Returns ``(loss, metrics)``."""
+    ``kl_placement == "loss"``) KL term, minus ``ent_coef`` times the entropy.
+
+    Shapes: the ``[B, T]`` fields of :class:`LossInputs` (``advantages`` ``[B]`` or ``[B, T]``).
+    Returns ``(loss, metrics)``: a scalar and a dict of detached scalars."""
     return _policy_part(inp, cfg)
 
 
 def ppo_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """PPO actor-critic loss: policy part as in :func:`grpo_loss` plus ``vf_coef`` times the clipped value loss
     (aggregated with the same ``loss_agg_mode``).
-    Needs ``values``, ``old_values`` and ``returns``. Returns ``(loss, metrics)`` with ``vf_loss`` added."""
+    Needs ``values``, ``old_values`` and ``returns``, all ``[B, T]``. Returns ``(loss, metrics)`` with ``vf_loss``
+    added."""
     if inp.values is None or inp.old_values is None or inp.returns is None:
         raise ValueError("ppo_loss needs values, old_values and returns (a critic); use grpo_loss for critic-free algorithms")
     loss, metrics = _policy_part(inp, cfg)

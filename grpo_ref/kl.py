@@ -48,14 +48,17 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[fl
 
 
 def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
-    """Schulman's k2 ``= (lp - ref)^2 / 2`` per token (verl ``kl_penalty="mse"``/``"k2"``). Same shapes in and out."""
+    """Schulman's k2 ``= (lp - ref)^2 / 2`` per token (verl ``kl_penalty="mse"``/``"k2"``).
+
+    Shapes: ``logp, ref_logp: [B, T]`` (any equal shapes) -> the same shape, at least float32."""
     return 0.5 * _log_ratio(logp, ref_logp, max_log_ratio) ** 2
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
     """Schulman's k3 ``= exp(ref - lp) - (ref - lp) - 1`` per token: DeepSeekMath eq. 4, GRPO's KL.
 
-    Estimates ``KL(pi_theta || pi_ref)`` when tokens are sampled from ``pi_theta``. Same shapes in and out.
+    Estimates ``KL(pi_theta || pi_ref)`` when tokens are sampled from ``pi_theta``.
+    Shapes: ``logp, ref_logp: [B, T]`` (any equal shapes) -> the same shape, at least float32.
     See the module docstring for the clamp.
     """
     d = _log_ratio(logp, ref_logp, max_log_ratio)
@@ -65,7 +68,9 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[fl
 def kl_estimate(
     logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", max_log_ratio: Optional[float] = 20.0
 ) -> torch.Tensor:
-    """Dispatch to ``kl_k1`` / ``kl_k2`` / ``kl_k3`` by name (verl: ``kl``/``mse``/``low_var_kl``)."""
+    """Dispatch to ``kl_k1`` / ``kl_k2`` / ``kl_k3`` by name (verl: ``kl``/``mse``/``low_var_kl``).
+
+    Shapes: ``logp, ref_logp: [B, T]`` -> ``[B, T]``."""
     check_choice("KL estimator", estimator, KL_ESTIMATORS)
     return {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[estimator](logp, ref_logp, max_log_ratio)
 

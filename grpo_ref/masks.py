@@ -65,7 +65,8 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = No
     """``sum(values * mask)`` over ``dim`` (all dims if None), in at least float32.
 
     Masked-out entries are replaced by zero before the product, so an inf or NaN in a padded position
-    cannot leak into the result or its gradient.
+    cannot leak into the result or its gradient. Shapes: ``values, mask: [B, T]`` (equal shapes) -> a scalar,
+    or the shape without ``dim``.
     """
     values = as_float(values)
     m = mask_like(mask, values)
@@ -74,7 +75,9 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = No
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    """``sum(values * mask) / max(sum(mask), 1)``: the mean over masked-in entries; 0 where none are."""
+    """``sum(values * mask) / max(sum(mask), 1)``: the mean over masked-in entries; 0 where none are.
+
+    Shapes: ``values, mask: [B, T]`` -> a scalar, or ``[B]`` with ``dim=-1`` (per-sequence means)."""
     num = masked_sum(values, mask, dim)
     m = mask_like(mask, as_float(values))
     den = m.sum() if dim is None else m.sum(dim)
@@ -86,6 +89,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
 
     ``unbiased=True`` divides by ``n - 1`` (Bessel; verl's ``masked_whiten`` and ``torch.std``), ``False`` by ``n``
     (OpenRLHF's global whitening). With ``n <= 1`` (or ``n == 0`` biased) the variance is 0, not NaN.
+    Shapes: ``values, mask: [B, T]`` -> a scalar.
     """
     values = as_float(values)
     m = mask_like(mask, values)
