@@ -233,6 +233,8 @@ def compute_advantages(
     return adv, returns
 
 
+#: The published recipes, each an :class:`AlgoConfig` of the same parts (see the table above for the names
+#: TRL and verl give each field): ``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``rloo``, ``reinforce_pp``, ``ppo``.
 PRESETS: Dict[str, AlgoConfig] = {
     # DeepSeekMath: group std, k3 KL in the loss (beta 0.04), per-sequence token mean.
     "grpo": AlgoConfig(name="grpo"),

@@ -173,22 +173,31 @@ class TinyGPT(nn.Module):
         return LMOutput(self.lm_head(h), new_cache if use_cache else None, h)
 
 
+def tiny_gpt(config: GPTConfig, seed: int = 0) -> TinyGPT:
+    """A freshly initialised :class:`TinyGPT`, seeded without touching torch's global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyGPT(config)
+
+
 class ValueModel(nn.Module):
     """PPO's critic: a transformer body plus a scalar head, ``V(s_t)`` for every position.
 
     ``backbone`` is any causal LM (usually a copy of the policy: PPO-RLHF initialises the critic from a
     trained model). Its last hidden states are read from ``LMOutput.hidden_states`` (:class:`TinyGPT`) or by
-    calling it with ``output_hidden_states=True`` (Hugging Face models). The head starts at zero
-    (weights ``N(0, init_std)``, bias 0), so the first values are ~0 and do not swamp early advantages.
+    calling it with ``output_hidden_states=True`` (Hugging Face models). The head starts near zero
+    (weights ``N(0, init_std)`` drawn from ``torch.Generator(seed)``, bias 0), so the first values are ~0 and do
+    not swamp early advantages; torch's global random state is left alone.
 
     ``forward(input_ids [B, T], attention_mask [B, T]) -> values [B, T]`` (float32).
     """
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, init_std: float = 1e-3):
+    def __init__(self, backbone: nn.Module, hidden_size: int, init_std: float = 1e-3, seed: int = 0):
         super().__init__()
         self.backbone = backbone
-        self.v_head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.v_head.weight, std=init_std)
+        with torch.random.fork_rng(devices=[]):
+            self.v_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.v_head.weight, std=init_std, generator=torch.Generator().manual_seed(seed))
         nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

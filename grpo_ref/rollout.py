@@ -9,7 +9,7 @@ convention of :mod:`grpo_ref.advantages`):
 
 * ``prompt_ids, prompt_mask: [B, P]`` left-padded prompts;
 * ``response_ids: [B, N]`` right-padded with ``pad_id`` after EOS;
-* ``response_mask: [B, N]`` 1 on response tokens up to and including the first EOS (:func:`response_mask`);
+* ``response_mask: [B, N]`` 1 on response tokens up to and including the first EOS (:func:`~grpo_ref.masks.response_mask`);
 * ``sample_logp: [B, N]`` log-probs at sampling time (0 where the mask is 0).
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def generate(
         temperature: ``tau > 0``; the log-probs returned are those of ``softmax(z / tau)`` (also when greedy).
         greedy: take the argmax instead of sampling (evaluation).
         generator: the ``torch.Generator`` the draws come from (on the model's device); None = torch's global RNG.
-        use_cache: reuse keys/values of the prefix (models with ``supports_kv_cache``, i.e. :class:`TinyGPT`);
+        use_cache: reuse keys/values of the prefix (models with ``supports_kv_cache``, i.e. :class:`~grpo_ref.model.TinyGPT`);
             None = whenever the model supports it. Without it the whole prefix is recomputed for every new token.
     Returns:
         :class:`Generation`; finished rows are padded with ``pad_id`` and masked out after their EOS.

@@ -111,7 +111,7 @@ class AdditionTask:
 
     @property
     def max_new_tokens(self) -> int:
-        """Longest correct response: the answer digits plus EOS."""
+        """The length of the longest correct response (the answer digits plus EOS)."""
         return self.max_answer_digits + 1
 
     @property

@@ -69,26 +69,31 @@ class TrainConfig:
     ``algo`` names a preset of :data:`~grpo_ref.algorithms.PRESETS`; ``algo_overrides`` changes its fields
     (e.g. ``{"kl_coef": 0.0, "eps_high": 0.28}``). ``group_size`` (G) is copied into the preset.
     ``max_new_tokens=None`` takes the task's ``max_new_tokens``. ``eval_every=0`` disables evaluation.
+
+    The defaults are tuned for ``AdditionTask(n_digits=2)`` and the 2x128 :class:`~grpo_ref.model.TinyGPT` on a CPU: G = 4
+    completions for each of 64 prompts per step (more distinct prompts per step beat larger groups here),
+    AdamW at 3e-4 with 20 warm-up steps (without warm-up, Adam's first sign-like steps knock the SFT policy
+    down before it improves), ``mu = 2`` epochs of 4 minibatches.
     """
 
     algo: str = "grpo"
     algo_overrides: Dict[str, Any] = field(default_factory=dict)
-    group_size: int = 8
-    prompts_per_step: int = 16
-    steps: int = 200
-    lr: float = 1e-3
+    group_size: int = 4
+    prompts_per_step: int = 64
+    steps: int = 1000
+    lr: float = 3e-4
     critic_lr: float = 1e-3
-    warmup_steps: int = 0  # linear learning-rate warm-up over the first steps (both optimizers)
+    warmup_steps: int = 20  # linear learning-rate warm-up over the first steps (both optimizers)
     weight_decay: float = 0.0
     ppo_epochs: int = 2  # mu: passes over each rollout batch
-    minibatches: int = 2  # optimizer steps per epoch
+    minibatches: int = 4  # optimizer steps per epoch
     max_grad_norm: Optional[float] = 1.0
     temperature: float = 1.0
     max_new_tokens: Optional[int] = None
     truncation: str = "keep"  # "keep", "mask" or "penalize" (see grpo_ref.rollout.rollout)
     truncation_reward: float = -1.0
     filter_rounds: int = 4  # DAPO dynamic sampling: extra sampling rounds to refill dropped groups
-    eval_every: int = 10
+    eval_every: int = 25
     seed: int = 0
     device: str = "cpu"
     use_cache: Optional[bool] = None  # KV cache when sampling; None = if the model supports it
@@ -207,7 +212,7 @@ class Trainer:
         self.uses_critic = self.algo.loss_fn == "ppo"
         self.critic = None
         if self.uses_critic:
-            self.critic = (critic if critic is not None else ValueModel(copy.deepcopy(policy), hidden_size_of(policy))).to(self.device)
+            self.critic = (critic if critic is not None else ValueModel(copy.deepcopy(policy), hidden_size_of(policy), seed=config.seed)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.critic_optimizer = (
             torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr, weight_decay=config.weight_decay) if self.critic else None
@@ -258,8 +263,27 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------------------------
     def step(self) -> Dict[str, float]:
         """One rollout batch and ``ppo_epochs x minibatches`` updates. Returns this step's metrics (also appended
-        to ``self.history``); ``eval_accuracy`` / ``eval_reward`` are added every ``eval_every`` steps."""
+        to ``self.history``), all floats:
+
+        * rollout: ``reward_mean``, ``reward_std``, ``train_accuracy`` (sampled at ``temperature``),
+          ``response_length``, ``truncated_frac``, ``samples`` (completions sampled, DAPO refills included),
+          ``groups_with_signal`` (share of groups with unequal rewards), ``batch_size``;
+        * policy (means over the updates): ``loss``, ``pg_loss``, ``clip_frac_low``, ``clip_frac_high``,
+          ``approx_kl`` (to ``pi_old``), ``kl_ref`` (the preset's estimator, to ``pi_ref``), ``entropy``,
+          ``ratio_mean/min/max``, ``grad_norm`` (before clipping); PPO adds ``vf_loss``, ``vf_clip_frac``,
+          ``value_mean``, ``critic_grad_norm``;
+        * ``kl_to_ref``: k1 estimate of ``KL(pi_old || pi_ref)`` per response token, ``adv_abs_mean``,
+          ``sampler_logp_gap`` (mean absolute difference between the sampling log-prob and the recomputed one: ~1e-7 unless sampler and
+          trainer disagree);
+        * ``time_step_s``, ``time_rollout_s``, ``tokens_per_s`` (sampled response tokens per second of the step);
+        * every ``eval_every`` steps: ``eval_accuracy``, ``eval_reward`` (greedy decoding, eval split).
+        """
         cfg, algo = self.config, self.algo
+        # Dropout off (TRL's disable_dropout): the sampler, pi_old and pi_theta must be one and the same function,
+        # otherwise the ratio pi_theta / pi_old is noise even before any update.
+        self.policy.eval()
+        if self.critic is not None:
+            self.critic.eval()
         t0 = time.perf_counter()
         batch, n_sampled, signal_frac = self._sample_batch()
         t_rollout = time.perf_counter() - t0
@@ -473,7 +497,7 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(cls, path: str) -> "Trainer":
-        """Rebuild a :class:`TinyGPT` + :class:`~grpo_ref.tasks.AdditionTask` trainer from a checkpoint and resume it."""
+        """Rebuild a :class:`~grpo_ref.model.TinyGPT` + :class:`~grpo_ref.tasks.AdditionTask` trainer from a checkpoint and resume it."""
         from .tasks import AdditionTask
 
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -33,6 +33,7 @@ KERNEL = "python3"
 SMOKE_PARAMETERS: dict[str, dict] = {
     "01_token_level_kl": {"n_samples": 20_000},
     "02_grpo_loss": {"n_points": 41, "batch": 16},
+    "03_training_loop": {"steps": 3, "prompts_per_step": 8, "eval_every": 2, "warm_max_steps": 30},
 }
 
 

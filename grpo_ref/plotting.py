@@ -1,0 +1,98 @@
+"""Plots of training metrics: one run's dashboard, and several runs compared on one metric.
+
+matplotlib is imported inside the functions, so ``import grpo_ref`` never needs it.
+Runs are lists of metric dicts (``Trainer.history`` or :func:`grpo_ref.trainer.load_metrics`).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+Run = List[Dict[str, float]]
+
+# (metric, y-axis label) of the default dashboard
+DEFAULT_PANELS: Tuple[Tuple[str, str], ...] = (
+    ("eval_accuracy", "eval accuracy (greedy)"),
+    ("reward_mean", "mean reward of samples"),
+    ("kl_to_ref", "KL(pi_old || pi_ref) per token"),
+    ("entropy", "entropy per token (nats)"),
+    ("clip_frac", "clipped fraction of tokens"),
+    ("response_length", "response length (tokens)"),
+    ("grad_norm", "grad norm (before clipping)"),
+    ("vf_loss", "value loss (PPO)"),
+)
+
+
+def series(run: Run, key: str, x: str = "step") -> Tuple[List[float], List[float]]:
+    """``(xs, ys)`` of the records holding ``key``; ``clip_frac`` is ``clip_frac_low + clip_frac_high``.
+    ``x="samples"`` gives the cumulative number of sampled completions."""
+    xs, ys, total = [], [], 0.0
+    for rec in run:
+        total += rec.get("samples", 0.0)
+        value = rec.get(key)
+        if key == "clip_frac" and "clip_frac_low" in rec:
+            value = rec["clip_frac_low"] + rec.get("clip_frac_high", 0.0)
+        if value is None:
+            continue
+        xs.append(total if x == "samples" else rec.get(x, len(xs)))
+        ys.append(value)
+    return xs, ys
+
+
+def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequence[Tuple[str, str]] = DEFAULT_PANELS):
+    """A grid of the ``panels`` metrics against the training step (metrics the run lacks are skipped).
+    Saves to ``path`` if given; returns the matplotlib figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    present = [(k, label) for k, label in panels if series(run, k)[0]]
+    if not present:
+        raise ValueError("the run has none of the metrics to plot")
+    cols = min(4, len(present))
+    rows = (len(present) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, present):
+        xs, ys = series(run, key)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def compare_runs(
+    runs: Dict[str, Run], metric: str = "eval_accuracy", x: str = "step", path: Optional[str] = None, title: str = ""
+):
+    """One line per run (``{label: run}``) of ``metric`` against ``x`` (``"step"`` or ``"samples"``).
+    Saves to ``path`` if given; returns the figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        raise ValueError("no runs to compare")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, run in runs.items():
+        xs, ys = series(run, metric, x)
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel("training step" if x == "step" else "sampled completions")
+    ax.set_ylabel(dict(DEFAULT_PANELS).get(metric, metric))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
