@@ -30,4 +30,11 @@ from .masks import masked_mean, masked_sum, masked_var, masked_whiten, response_
 from .surrogate import policy_loss
 from .ppo import entropy_bonus, kl_in_reward, value_loss
 
+# The training loop (chapter 3): a tiny GPT, a verifiable task, rollouts and the PPO/GRPO trainer.
+from .model import GPTConfig, TinyGPT, ValueModel, lm_logits, tiny_gpt
+from .rollout import Rollout, evaluate, generate, rollout
+from .sft import supervised_warm_start, warm_start_policy
+from .tasks import AdditionTask, CharTokenizer, parse_answer
+from .trainer import NonFiniteError, TrainConfig, Trainer, load_metrics
+
 __version__ = "0.1.0"

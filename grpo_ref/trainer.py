@@ -242,7 +242,7 @@ class Trainer:
         batch = self.rollout()
         n_sampled = batch.rewards.numel()
         if not self.algo.filter_groups:
-            return batch, n_sampled, 1.0
+            return batch, n_sampled, float(_group_has_signal(batch.rewards, self.config.group_size).float().mean())
         g, want = self.config.group_size, self.config.prompts_per_step
         kept = [batch.select(_group_has_signal(batch.rewards, g).repeat_interleave(g))]
         first_frac = float(_group_has_signal(batch.rewards, g).float().mean())
