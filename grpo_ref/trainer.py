@@ -42,10 +42,17 @@ from .masks import masked_mean
 from .model import GPTConfig, TinyGPT, ValueModel, hidden_size_of, lm_logits
 from .rollout import TRUNCATION_MODES, Rollout, evaluate, rollout
 
-try:  # optional progress bar
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover - exercised only without tqdm
-    _tqdm = None
+
+def _progress_bar(**kwargs):
+    """A tqdm bar if tqdm is installed, else None. Imported here, not at module level, so that
+    ``import grpo_ref`` has no side effects (tqdm.auto warns on stderr in a kernel without ipywidgets)."""
+    if not kwargs.get("disable"):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - exercised only without tqdm
+            return None
+        return tqdm(**kwargs)
+    return None
 
 # Metrics that measure time: they differ between two runs of the same seed, everything else must not.
 TIME_METRICS = ("time_step_s", "time_rollout_s", "tokens_per_s")
@@ -413,7 +420,7 @@ class Trainer:
                 self.history.append(first)
                 if log:
                     log.write(json.dumps(first) + "\n")
-            bar = _tqdm(total=total, initial=self.step_count, disable=not progress, desc=self.config.algo) if _tqdm else None
+            bar = _progress_bar(total=total, initial=self.step_count, disable=not progress, desc=self.config.algo)
             while self.step_count < total:
                 m = self.step()
                 if log:
