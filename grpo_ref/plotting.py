@@ -22,6 +22,26 @@ DEFAULT_PANELS: Tuple[Tuple[str, str], ...] = (
 )
 
 
+def _pyplot(path: Optional[str]):
+    """``matplotlib.pyplot``, switched to the file-only Agg backend when the figure goes to a file (unless a
+    backend was already chosen, e.g. in a notebook)."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, path: Optional[str]):
+    """Tight layout, saved to ``path`` if given; returns ``fig``."""
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 def series(run: Run, key: str, x: str = "step") -> Tuple[List[float], List[float]]:
     """``(xs, ys)`` of the records holding ``key``; ``clip_frac`` is ``clip_frac_low + clip_frac_high``.
     ``x="samples"`` gives the cumulative number of sampled completions."""
@@ -41,12 +61,7 @@ def series(run: Run, key: str, x: str = "step") -> Tuple[List[float], List[float
 def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequence[Tuple[str, str]] = DEFAULT_PANELS):
     """A grid of the ``panels`` metrics against the training step (metrics the run lacks are skipped).
     Saves to ``path`` if given; returns the matplotlib figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot(path)
     present = [(k, label) for k, label in panels if series(run, k)[0]]
     if not present:
         raise ValueError("the run has none of the metrics to plot")
@@ -63,10 +78,7 @@ def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequ
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)
 
 
 def compare_runs(
@@ -74,12 +86,7 @@ def compare_runs(
 ):
     """One line per run (``{label: run}``) of ``metric`` against ``x`` (``"step"`` or ``"samples"``).
     Saves to ``path`` if given; returns the figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot(path)
     if not runs:
         raise ValueError("no runs to compare")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -92,7 +99,4 @@ def compare_runs(
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)

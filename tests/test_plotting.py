@@ -1,0 +1,66 @@
+"""The plotting helpers: what ``series`` extracts, and that the figures draw exactly those points."""
+import pytest
+
+from grpo_ref.plotting import compare_runs, plot_run, series
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# A run as Trainer.history logs it: step 0 is the evaluation before training; evals every 2 steps.
+RUN = [
+    {"step": 0, "eval_accuracy": 0.2},
+    {"step": 1, "samples": 8.0, "reward_mean": 0.3, "clip_frac_low": 0.01, "clip_frac_high": 0.02},
+    {"step": 2, "samples": 8.0, "reward_mean": 0.4, "clip_frac_low": 0.03, "clip_frac_high": 0.0, "eval_accuracy": 0.5},
+    {"step": 3, "samples": 16.0, "reward_mean": 0.6, "clip_frac_low": 0.0, "clip_frac_high": 0.05},
+]
+
+
+def test_series_picks_the_records_holding_the_metric():
+    assert series(RUN, "eval_accuracy") == ([0, 2], [0.2, 0.5])
+    assert series(RUN, "reward_mean") == ([1, 2, 3], [0.3, 0.4, 0.6])
+    assert series(RUN, "missing") == ([], [])
+
+
+def test_series_clip_frac_is_low_plus_high():
+    xs, ys = series(RUN, "clip_frac")
+    assert xs == [1, 2, 3]
+    assert ys == pytest.approx([0.03, 0.03, 0.05])
+
+
+def test_series_against_cumulative_samples():
+    # DAPO refills make `samples` differ from step to step: the x axis must add them up, not count steps.
+    assert series(RUN, "reward_mean", x="samples") == ([8.0, 16.0, 32.0], [0.3, 0.4, 0.6])
+    assert series(RUN, "eval_accuracy", x="samples") == ([0.0, 16.0], [0.2, 0.5])
+
+
+def test_plot_run_draws_the_present_metrics_and_saves(tmp_path):
+    path = tmp_path / "run.png"
+    fig = plot_run(RUN, str(path), title="t")
+    try:
+        assert path.stat().st_size > 0
+        drawn = [ax for ax in fig.axes if ax.lines]
+        assert len(drawn) == 3  # eval_accuracy, reward_mean, clip_frac; the other default panels are absent
+        xs, ys = drawn[0].lines[0].get_data()
+        assert list(xs) == [0, 2] and list(ys) == [0.2, 0.5]
+    finally:
+        plt.close(fig)
+
+
+def test_compare_runs_one_line_per_run():
+    other = [dict(r, eval_accuracy=r["eval_accuracy"] / 2) if "eval_accuracy" in r else r for r in RUN]
+    fig = compare_runs({"a": RUN, "b": other}, metric="eval_accuracy", x="samples")
+    try:
+        (ax,) = fig.axes
+        assert [ln.get_label() for ln in ax.lines] == ["a", "b"]
+        assert list(ax.lines[1].get_ydata()) == [0.1, 0.25]
+        assert ax.get_xlabel() == "sampled completions"
+    finally:
+        plt.close(fig)
+
+
+def test_plot_errors():
+    with pytest.raises(ValueError, match="none of the metrics"):
+        plot_run([{"step": 1, "unknown": 1.0}])
+    with pytest.raises(ValueError, match="no runs"):
+        compare_runs({})
