@@ -7,9 +7,11 @@ For every (algorithm, seed): warm-start a TinyGPT by SFT until 20% greedy accura
 evaluating greedily on the 256 held-out eval sums every 25 steps, until the eval accuracy reaches 90% or the
 wall-time budget (RL only, evaluation included) runs out. GRPO gets ``--budget-s`` (the 5-minute target);
 PPO, about twice as expensive per step (its critic is a second transformer), gets ``--ppo-budget-s``, and the
-summary says whether it also made it within ``--budget-s``. Run it on an otherwise idle machine: the load
-average is printed before and after every run, since other jobs on the cores slow the steps down. Prints the accuracy curve of every run and a summary,
-and writes them to benchmarks/results/train_accuracy.txt (curves also as JSON in train_accuracy_curves.json).
+summary says whether it also made it within ``--budget-s``.
+
+Run it on an otherwise idle machine: other jobs on the cores slow the steps down, so the load average is printed
+before and after every run. Prints the accuracy curve of every run and a summary, and writes them to
+benchmarks/results/train_accuracy.txt (curves also as JSON in train_accuracy_curves.json).
 """
 from __future__ import annotations
 

@@ -86,9 +86,9 @@ def compare_runs(
 ):
     """One line per run (``{label: run}``) of ``metric`` against ``x`` (``"step"`` or ``"samples"``).
     Saves to ``path`` if given; returns the figure."""
-    plt = _pyplot(path)
     if not runs:
         raise ValueError("no runs to compare")
+    plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, run in runs.items():
         xs, ys = series(run, metric, x)
