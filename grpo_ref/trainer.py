@@ -18,27 +18,41 @@ The loop itself is the same for all of them:
    gradient clipping, optimizer step. From the second minibatch on ``pi_theta != pi_old``, so the ratio moves
    away from 1 and the clip acts (with one update per rollout, as in DeepSeekMath, it never would).
 
-Before every optimizer step the loss and the gradient norms are checked: a NaN/inf raises
-:class:`NonFiniteError` naming the step and the metric, and the step is not taken.
+A step is all or nothing. The loss and gradient norms are checked before every optimizer step and the weights
+after it (and before the step starts): a NaN/inf raises :class:`NonFiniteError` naming the step and the metric or
+parameter. On that or any other failure inside :meth:`Trainer.step` (an exception in the reward, a
+``KeyboardInterrupt``) the policy, critic, both optimizers, the step counter, the history and the random generators
+are put back exactly as they were before the step (from a copy taken at its start), then the error propagates.
+
 Reproducible on CPU: all randomness comes from two ``torch.Generator`` objects the trainer owns, and a
-checkpoint stores their states, so a resumed run equals the uninterrupted one exactly.
+checkpoint stores their states, so a resumed run equals the uninterrupted one exactly. Checkpoints carry a
+SHA-256 and the task and model they belong to (:mod:`grpo_ref.checkpoint`); a load that fails leaves the trainer
+as it was. ``metrics.jsonl`` always matches the checkpoint it is resumed from (:mod:`grpo_ref.metrics_log`).
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import numbers
 import os
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
+try:  # the math layer's "this tensor argument is NaN/inf" error (a ValueError carrying the argument's name)
+    from ._checks import NonFiniteInputError
+except ImportError:  # pragma: no cover - older math layer without it
+    NonFiniteInputError = ()  # type: ignore[assignment,misc]
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .algorithms import GROUP_ESTIMATORS, PRESETS, AlgoConfig, LossInputs, compute_advantages, compute_loss, get_preset
 from .logprobs import token_entropy, token_logprobs
 from .masks import masked_mean
+from .metrics_log import METRICS_FILE, load_metrics, sync_metrics
 from .model import GPTConfig, TinyGPT, ValueModel, hidden_size_of, lm_logits
 from .rollout import TRUNCATION_MODES, Rollout, evaluate, rollout
 
@@ -58,15 +72,60 @@ def _progress_bar(**kwargs):
 TIME_METRICS = ("time_step_s", "time_rollout_s", "tokens_per_s")
 
 
-class NonFiniteError(FloatingPointError):
-    """A reward, loss or gradient became NaN/inf; raised before the optimizer step that would have used it."""
+STEP_UNDONE = "the step was undone: weights, optimizers, random generators and step count are as before it"
 
-    def __init__(self, step: int, metric: str, value: float, where: str = ""):
+
+class NonFiniteError(FloatingPointError):
+    """A reward, loss, gradient or weight became NaN/inf. Raised by :meth:`Trainer.step` after undoing the step."""
+
+    def __init__(self, step: int, metric: str, value: Optional[float], where: str = "", note: str = STEP_UNDONE,
+                 detail: str = ""):
         self.step, self.metric, self.value = step, metric, value
-        super().__init__(
-            f"step {step}: non-finite {metric} = {value}{where}; stopped before the optimizer step, so no weight was "
-            "updated with it (earlier minibatches of this step, if any, were applied)"
-        )
+        shown = "" if value is None else f" = {value}"
+        super().__init__(f"step {step}: non-finite {metric}{shown}{where}{': ' + detail if detail else ''}; {note}")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """``ValueError`` unless ``value`` fits the annotation ``hint`` (bool, int, float, str, or Optional of one);
+    floats must be finite. Other annotations are left to the field's own checks."""
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return
+        hint = args[0] if len(args) == 1 else None
+    kinds = {bool: "a bool", int: "an int", float: "a finite number", str: "a string"}
+    if hint not in kinds:
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"{name} must be {kinds[hint]}, got {value!r}")
+
+
+def _check_device(device: Any) -> None:
+    """``ValueError`` unless ``device`` names a device torch can use on this machine."""
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"invalid TrainConfig.device = {device!r}: expected a string such as 'cpu' or 'cuda'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: unsupported device type {dev.type!r} (use cpu, cuda or mps)")
 
 
 @dataclass
@@ -106,7 +165,9 @@ class TrainConfig:
     use_cache: Optional[bool] = None  # KV cache when sampling; None = if the model supports it
 
     def __post_init__(self) -> None:
-        if self.algo not in PRESETS:
+        for name, hint in typing.get_type_hints(TrainConfig).items():
+            _check_type(f"TrainConfig.{name}", getattr(self, name), hint)
+        if not isinstance(self.algo, str) or self.algo not in PRESETS:
             raise ValueError(f"unknown algorithm {self.algo!r}; expected one of {sorted(PRESETS)}")
         if not isinstance(self.algo_overrides, dict):
             raise ValueError(f"algo_overrides must be a dict, got {type(self.algo_overrides).__name__}")
@@ -116,6 +177,9 @@ class TrainConfig:
             raise ValueError(f"unknown algo_overrides {unknown}; AlgoConfig fields are {sorted(known)}")
         if "group_size" in self.algo_overrides:
             raise ValueError("set TrainConfig.group_size, not algo_overrides['group_size']")
+        hints = typing.get_type_hints(AlgoConfig)
+        for name, value in self.algo_overrides.items():
+            _check_type(f"algo_overrides[{name!r}]", value, hints[name])
         preset = PRESETS[self.algo]
         if preset.adv_estimator in GROUP_ESTIMATORS and self.group_size < 2:
             raise ValueError(
@@ -143,11 +207,11 @@ class TrainConfig:
                 raise ValueError(f"invalid TrainConfig.{name} = {getattr(self, name)!r}")
         if self.truncation not in TRUNCATION_MODES:
             raise ValueError(f"unknown truncation {self.truncation!r}; expected one of {TRUNCATION_MODES}")
+        _check_device(self.device)
         try:
-            torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"invalid device {self.device!r}: {e}") from None
-        self.algo_config()  # AlgoConfig validates eps, kl_coef, ... and raises ValueError
+            self.algo_config()  # AlgoConfig validates eps, kl_coef, ... and raises ValueError
+        except TypeError as e:
+            raise ValueError(f"invalid algo_overrides {self.algo_overrides!r}: {e}") from None
 
     def algo_config(self) -> AlgoConfig:
         """The preset with ``group_size`` and the overrides applied."""
@@ -158,6 +222,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
         return cls(**d)
 
 
@@ -229,6 +296,7 @@ class Trainer:
         self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.step_count = 0
         self.history: List[Dict[str, float]] = []
+        self._where = ""  # the minibatch being updated, for error messages
 
     # -- pieces a notebook can call one at a time -------------------------------------------------------------------
     def rollout(self, pairs: Optional[torch.Tensor] = None) -> Rollout:
@@ -267,6 +335,59 @@ class Trainer:
             bad = value[~torch.isfinite(value)].flatten()[0].item()
             raise NonFiniteError(self.step_count + 1, name, bad, where)
 
+    def _models(self):
+        return [("policy", self.policy)] + ([("critic", self.critic)] if self.critic is not None else [])
+
+    def _check_params(self, step: int, where: str, note: str = STEP_UNDONE) -> None:
+        """``NonFiniteError`` naming the first NaN/inf parameter of the policy or critic. One reduction per tensor
+        and a single sync on the fast path; the tensors are searched only if a sum is non-finite."""
+        for label, model in self._models():
+            params = [p.detach() for p in model.parameters()]
+            if not params or bool(torch.isfinite(torch.stack([p.sum(dtype=torch.float32) for p in params])).all()):
+                continue
+            for name, p in model.named_parameters():  # a sum may also overflow: only a non-finite entry counts
+                bad = ~torch.isfinite(p.detach())
+                if bool(bad.any()):
+                    raise NonFiniteError(step, f"{label} parameter {name}", p.detach()[bad].flatten()[0].item(), where, note)
+
+    # -- all-or-nothing --------------------------------------------------------------------------------------------
+    def _snapshot(self, with_reference: bool = False) -> Dict[str, Any]:
+        """Copies of everything a step (or a load) changes, to undo it: model tensors and optimizer states cloned
+        on their device, generator states, step count and history."""
+        def clone(model):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        snap: Dict[str, Any] = {
+            "models": {label: clone(m) for label, m in self._models()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "critic_optimizer": copy.deepcopy(self.critic_optimizer.state_dict()) if self.critic_optimizer else None,
+            "rng": (self.prompt_generator.get_state(), self.sample_generator.get_state(), torch.get_rng_state()),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "step_count": self.step_count,
+            "history": list(self.history),
+        }
+        if with_reference:
+            snap["models"]["reference"] = clone(self.reference)
+        return snap
+
+    def _restore(self, snap: Dict[str, Any]) -> None:
+        """Put back what :meth:`_snapshot` copied (in place: parameters keep their identity)."""
+        for label, state in snap["models"].items():
+            getattr(self, label).load_state_dict(state)
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.load_state_dict(snap["critic_optimizer"])
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        prompt, sample, cpu = snap["rng"]
+        self.prompt_generator.set_state(prompt)
+        self.sample_generator.set_state(sample)
+        torch.set_rng_state(cpu)
+        if snap["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(snap["cuda_rng"])
+        self.step_count = snap["step_count"]
+        self.history[:] = snap["history"]
+
     # -- one step ------------------------------------------------------------------------------------------------------
     def step(self) -> Dict[str, float]:
         """One rollout batch and ``ppo_epochs x minibatches`` updates. Returns this step's metrics (also appended
@@ -284,8 +405,24 @@ class Trainer:
           trainer disagree);
         * ``time_step_s``, ``time_rollout_s``, ``tokens_per_s`` (sampled response tokens per second of the step);
         * every ``eval_every`` steps: ``eval_accuracy``, ``eval_reward`` (greedy decoding, eval split).
+
+        All or nothing: if anything raises (``NonFiniteError``, an error in the reward, ``KeyboardInterrupt``),
+        the trainer is first put back exactly as it was before the call.
         """
+        snap = self._snapshot()
+        self._where = ""
+        try:
+            return self._step()
+        except NonFiniteInputError as e:  # raised by the math layer (e.g. NaN logits): name the step
+            self._restore(snap)
+            raise NonFiniteError(self.step_count + 1, getattr(e, "name", "input"), None, self._where, detail=str(e)) from e
+        except BaseException:
+            self._restore(snap)
+            raise
+
+    def _step(self) -> Dict[str, float]:
         cfg, algo = self.config, self.algo
+        self._check_params(self.step_count + 1, " before the step (changed outside the trainer?)")
         # Dropout off (TRL's disable_dropout): the sampler, pi_old and pi_theta must be one and the same function,
         # otherwise the ratio pi_theta / pi_old is noise even before any update.
         self.policy.eval()
@@ -319,7 +456,7 @@ class Trainer:
             perm = torch.randperm(b, generator=self.prompt_generator).to(self.device)
             for k, rows in enumerate(perm.chunk(n_mb)):
                 mb = batch.select(rows)
-                where = f" (epoch {epoch}, minibatch {k})"
+                where = self._where = f" (epoch {epoch}, minibatch {k})"
                 logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, with_entropy=True)
                 values = response_values(self.critic, mb) if self.critic is not None else None
                 inp = LossInputs(
@@ -343,6 +480,7 @@ class Trainer:
                 self.optimizer.step()
                 if self.critic_optimizer is not None:
                     self.critic_optimizer.step()
+                self._check_params(self.step_count + 1, f" after the optimizer step{where}")
                 grad_norms.append(float(grad_norm))
                 for name, v in loss_metrics.items():
                     sums[name] = sums.get(name, 0.0) + float(v)
@@ -405,15 +543,22 @@ class Trainer:
     ) -> List[Dict[str, float]]:
         """Run until ``steps`` (default ``config.steps``) steps have been taken in total.
 
-        Writes ``metrics.jsonl`` (one JSON object per step, appended on resume) and, if ``checkpoint_every > 0``,
-        ``checkpoint.pt`` into ``out_dir``. Evaluates once before the first step (logged as step 0).
-        ``stop_at_accuracy`` ends the run at the first evaluation that reaches it. Returns ``self.history``.
+        Writes ``metrics.jsonl`` (one JSON object per step) and, if ``checkpoint_every > 0``, ``checkpoint.pt`` into
+        ``out_dir``. A trainer with a history (resumed from a checkpoint) first rewrites ``metrics.jsonl`` to hold
+        exactly that history: steps logged after the checkpoint by a killed run, or a half-written last line, are
+        dropped with a warning, so no step is repeated or lost. Evaluates once before the first step (logged as
+        step 0). ``stop_at_accuracy`` ends the run at the first evaluation that reaches it. Returns ``self.history``.
         """
         total = self.config.steps if steps is None else steps
+        if not isinstance(total, numbers.Integral) or isinstance(total, bool) or total < 0:
+            raise ValueError(f"steps must be an int >= 0, got {total!r}")
         log = None
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
-            log = open(os.path.join(out_dir, "metrics.jsonl"), "a" if self.step_count else "w")
+            path = os.path.join(out_dir, METRICS_FILE)
+            if self.history:
+                sync_metrics(path, self.history)
+            log = open(path, "a" if self.history else "w")
         try:
             if self.step_count == 0 and not self.history and self.config.eval_every:
                 first = {"step": 0, **self.evaluate()}
@@ -444,7 +589,8 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """All state, as tensors and plain containers (loadable with ``torch.load(..., weights_only=True)``)."""
+        """All state, as tensors and plain containers (loadable with ``torch.load(..., weights_only=True)``), with
+        the task and the model classes it belongs to (``fingerprint``)."""
         rng = {
             "prompt": self.prompt_generator.get_state(),
             "sample": self.sample_generator.get_state(),
@@ -466,59 +612,101 @@ class Trainer:
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
             "rng": rng,
             "history": self.history,
+            "fingerprint": {"task_type": _qualname(self.task), "policy_type": _qualname(self.policy)},
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the models and config must match the checkpoint's)."""
-        if state.get("format") != 1:
-            raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
-        if state["config"] != self.config.to_dict():
-            diff = sorted(k for k in state["config"] if state["config"][k] != self.config.to_dict().get(k))
-            raise ValueError(f"checkpoint was written with a different TrainConfig (fields {diff})")
+    def _verify(self, state: Dict[str, Any]) -> None:
+        """``ValueError`` naming the first way ``state`` does not belong to this trainer (format, config, task,
+        model classes, tensor names and shapes)."""
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise ValueError(f"unknown checkpoint format {state.get('format') if isinstance(state, dict) else state!r}")
+        missing = sorted({"step", "config", "policy", "reference", "critic", "optimizer", "critic_optimizer", "rng", "history"} - set(state))
+        if missing:
+            raise ValueError(f"checkpoint lacks {missing}")
+        mine = self.config.to_dict()
+        if state["config"] != mine:
+            diff = sorted(k for k in set(state["config"]) | set(mine) if state["config"].get(k) != mine.get(k))
+            raise ValueError(f"checkpoint was written with a different TrainConfig (fields {diff}: "
+                             + ", ".join(f"{k}={state['config'].get(k)!r} there, {mine.get(k)!r} here" for k in diff[:3]) + ")")
+        task = self.task.to_dict() if hasattr(self.task, "to_dict") else None
+        if state.get("task") is not None and task is not None and state["task"] != task:
+            diff = sorted(k for k in set(state["task"]) | set(task) if state["task"].get(k) != task.get(k))
+            raise ValueError("checkpoint was written for another task: "
+                             + ", ".join(f"{k}={state['task'].get(k)!r} there, {task.get(k)!r} here" for k in diff))
+        for key, here in (state.get("fingerprint") or {}).items():
+            obj = self.task if key == "task_type" else self.policy
+            if here != _qualname(obj):
+                raise ValueError(f"checkpoint {key} is {here}, this trainer's is {_qualname(obj)}")
+        model_config = self.policy.config.to_dict() if isinstance(self.policy, TinyGPT) else None
+        if state.get("model_config") is not None and model_config is not None and state["model_config"] != model_config:
+            raise ValueError(f"checkpoint was written for another model: {state['model_config']} there, {model_config} here")
         if (state["critic"] is None) != (self.critic is None):
             raise ValueError("checkpoint and trainer disagree on having a critic")
-        self.policy.load_state_dict(state["policy"])
-        self.reference.load_state_dict(state["reference"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        rng = state["rng"]
-        self.prompt_generator.set_state(rng["prompt"])
-        self.sample_generator.set_state(rng["sample"])
-        torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["torch_cuda"])
-        self.step_count = int(state["step"])
-        self.history = [dict(h) for h in state["history"]]
+        for label in ("policy", "reference", "critic"):
+            if state[label] is None:
+                continue
+            theirs = {k: tuple(v.shape) for k, v in state[label].items()}
+            ours = {k: tuple(v.shape) for k, v in getattr(self, label).state_dict().items()}
+            if theirs != ours:
+                diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+                raise ValueError(f"checkpoint's {label} does not fit this model: "
+                                 + ", ".join(f"{k} is {theirs.get(k)} there, {ours.get(k)} here" for k in diff[:3]))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned. Transactional: ``state`` is checked against this trainer first
+        (config, task, model), and if anything fails while restoring, the trainer is left exactly as it was."""
+        self._verify(state)
+        snap = self._snapshot(with_reference=True)
+        try:
+            self.policy.load_state_dict(state["policy"])
+            self.reference.load_state_dict(state["reference"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.critic is not None:
+                self.critic.load_state_dict(state["critic"])
+                self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            rng = state["rng"]
+            self.prompt_generator.set_state(rng["prompt"])
+            self.sample_generator.set_state(rng["sample"])
+            torch.set_rng_state(rng["torch_cpu"])
+            if "torch_cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["torch_cuda"])
+            self.step_count = int(state["step"])
+            self.history = [dict(h) for h in state["history"]]
+        except BaseException as e:
+            self._restore(snap)
+            if isinstance(e, Exception):
+                raise ValueError(f"checkpoint does not fit this trainer ({type(e).__name__}: {e}); nothing was loaded") from e
+            raise
 
     def save(self, path: str) -> None:
-        """Write :meth:`state_dict` to ``path`` (atomically: a temporary file, then a rename)."""
-        tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Write :meth:`state_dict` to ``path`` with a SHA-256, atomically (a temporary file, then a rename).
+        Refuses (``NonFiniteError``) to write non-finite weights."""
+        self._check_params(self.step_count, " in the trainer", note=f"no checkpoint written to {path}")
+        write_checkpoint(self.state_dict(), path)
 
     def load(self, path: str) -> None:
-        """Resume from a file written by :meth:`save` (``weights_only=True``: no code is unpickled)."""
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Resume from a file written by :meth:`save`: its checksum is verified (``CheckpointError``, a
+        ``ValueError``, if corrupt) and ``weights_only=True`` (no code is unpickled). A failed load changes nothing."""
+        self.load_state_dict(read_checkpoint(path, map_location=self.device))
 
     @classmethod
     def from_checkpoint(cls, path: str) -> "Trainer":
         """Rebuild a :class:`~grpo_ref.model.TinyGPT` + :class:`~grpo_ref.tasks.AdditionTask` trainer from a checkpoint and resume it."""
         from .tasks import AdditionTask
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("model_config") is None or state.get("task") is None:
-            raise ValueError("this checkpoint holds a foreign model; build the Trainer yourself and call .load(path)")
-        config = TrainConfig.from_dict(state["config"])
-        trainer = cls(TinyGPT(GPTConfig(**state["model_config"])), AdditionTask(**state["task"]), config)
+        state = read_checkpoint(path, map_location="cpu")
+        if not isinstance(state.get("model_config"), dict) or not isinstance(state.get("task"), dict) or not isinstance(state.get("config"), dict):
+            raise ValueError(f"{path} holds a foreign model or task; build the Trainer yourself and call .load(path)")
+        try:
+            config = TrainConfig.from_dict(state["config"])
+            policy, task = TinyGPT(GPTConfig(**state["model_config"])), AdditionTask(**state["task"])
+        except TypeError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        trainer = cls(policy, task, config)
         trainer.load_state_dict(state)
         return trainer
 
 
-def load_metrics(path: str) -> List[Dict[str, float]]:
-    """Read a ``metrics.jsonl`` file (or the folder holding one) into a list of dicts."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _qualname(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
