@@ -1,7 +1,30 @@
-"""Small input checks shared by every module: clear ``ValueError`` messages, no hidden state."""
+"""Input checks shared by every module: a ``ValueError`` that names the caller's argument and the offending
+value or shape, no hidden state.
+
+Conventions:
+
+* scalar checks are written so that NaN fails them (``not lo <= x``, ``math.isfinite``), and ``bool`` never
+  passes where a number is meant (``isinstance(True, int)`` is True in Python);
+* tensor value checks cost one fused pass (``torch.isfinite(x).all()``, or ``(isfinite(x) | ~on).all()`` with a
+  mask); the offending indices are only looked up once a check has failed;
+* a value that is not finite raises :class:`NonFiniteInputError`, a ``ValueError`` that also carries the argument
+  name, so a training loop can tell a corrupt input from a programming error.
+"""
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Collection, Optional
+
 import torch
+
+
+class NonFiniteInputError(ValueError):
+    """A tensor argument holds NaN or inf where a finite value is needed; ``.name`` is the argument."""
+
+    def __init__(self, name: str, message: str):
+        self.name = name
+        super().__init__(message)
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -11,44 +34,171 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def check_same_shape(**tensors: torch.Tensor) -> None:
+# -- scalars ---------------------------------------------------------------------------------------------------------
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_real(
+    name: str,
+    x,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    """``x`` as a finite ``float`` in ``[lo, hi]`` (``(lo, ...`` with ``lo_open``, ``..., hi)`` with ``hi_open``).
+
+    Refuses ``bool``, non-numbers, NaN and +-inf; a real 0-dim tensor is read as its value."""
+    if torch.is_tensor(x) and x.numel() == 1 and not (x.is_complex() or x.dtype == torch.bool):
+        x = x.item()
+    if not _is_real(x):
+        raise ValueError(f"{name} must be a real number, got {x!r} ({type(x).__name__})")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    below = lo is not None and not (x > lo if lo_open else x >= lo)
+    above = hi is not None and not (x < hi if hi_open else x <= hi)
+    if below or above:
+        left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        if lo is not None and hi is not None:
+            where = f"lie in {left}, {right}"
+        elif lo is not None:
+            where = f"be {'>' if lo_open else '>='} {lo:g}"
+        else:
+            where = f"be {'<' if hi_open else '<='} {hi:g}"
+        raise ValueError(f"{name} must {where}, got {x!r}")
+    return x
+
+
+def check_optional_real(name: str, x, **bounds) -> Optional[float]:
+    """``None`` or :func:`check_real`."""
+    return None if x is None else check_real(name, x, **bounds)
+
+
+def check_int(name: str, x, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """``x`` as an ``int`` in ``[lo, hi]``; refuses ``bool``, floats (even ``2.0``) and strings."""
+    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
+        raise ValueError(f"{name} must be an int, got {x!r} ({type(x).__name__})")
+    x = int(x)
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        rng = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+        raise ValueError(f"{name} must be an int {rng}, got {x}")
+    return x
+
+
+def check_bool(name: str, x) -> bool:
+    """``x`` if it is a ``bool`` (``'yes'``, ``1`` or ``None`` are refused)."""
+    if not isinstance(x, bool):
+        raise ValueError(f"{name} must be True or False, got {x!r} ({type(x).__name__})")
+    return x
+
+
+def check_choice(name: str, value, choices: Collection) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
+
+
+def check_group_size(batch: int, group_size, min_size: int = 1, name: str = "group_size", batch_name: str = "the batch") -> int:
+    """``group_size`` as an int ``>= min_size`` that divides ``batch`` (the rows of ``batch_name``)."""
+    if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool):
+        raise ValueError(f"{name} must be an int, got {group_size!r} ({type(group_size).__name__})")
+    if group_size < min_size:
+        why = " for a group baseline" if min_size >= 2 else ""
+        raise ValueError(f"{name} must be >= {min_size}{why}, got {group_size}")
+    if batch % group_size != 0:
+        raise ValueError(
+            f"batch size {batch} is not a multiple of {name} {group_size} ({batch_name} has {batch} rows): "
+            "a GRPO batch must hold whole groups of completions of one prompt"
+        )
+    return int(group_size)
+
+
+# -- tensors ---------------------------------------------------------------------------------------------------------
+def check_tensor(name: str, x) -> torch.Tensor:
+    """``x`` if it is a real-valued tensor (complex and non-tensors are refused)."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"{name} must be real, got complex dtype {x.dtype}")
+    return x
+
+
+def check_float_tensor(name: str, x) -> torch.Tensor:
+    """``x`` if it is a real-valued tensor; bool is refused (a ``True`` is not a number here), ints are accepted."""
+    check_tensor(name, x)
+    if x.dtype == torch.bool:
+        raise ValueError(f"{name} must hold numbers, got dtype {x.dtype}")
+    return x
+
+
+def check_dim(name: str, x: torch.Tensor, dim: int, layout: str) -> None:
+    if x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(x.shape)}")
+
+
+def check_2d(name: str, x: torch.Tensor) -> None:
+    check_tensor(name, x)
+    check_dim(name, x, 2, "[B, T]")
+
+
+def check_same_shape(**tensors: Optional[torch.Tensor]) -> None:
     """Raise ``ValueError`` naming every shape if the given tensors do not all share one shape."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(name, t)
     shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{k}={v}" for k, v in shapes.items())
         raise ValueError(f"shape mismatch: expected equal shapes, got {listed}")
 
 
-def check_2d(name: str, x: torch.Tensor) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [B, T], got shape {tuple(x.shape)}")
+def _first_bad(bad: torch.Tensor, x: torch.Tensor) -> str:
+    idx = bad.nonzero()[:3]
+    vals = [x[tuple(i)].item() for i in idx] if x.dim() else [x.item()]
+    return f"first offending indices: {idx.tolist()}, values {vals}"
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).nonzero()[:5].tolist()
-        raise ValueError(f"{name} contains NaN or inf (first offending indices: {bad})")
+def check_finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
+    """Raise :class:`NonFiniteInputError` if ``x`` holds NaN/inf (only where ``where`` is True, if given)."""
+    ok = torch.isfinite(x)
+    if where is not None:
+        ok = ok | ~where
+    if not bool(ok.all()):
+        scope = " at masked-in positions" if where is not None else ""
+        raise NonFiniteInputError(name, f"{name} contains NaN or inf{scope} ({_first_bad(~ok, x)})")
 
 
-def check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
+def check_mask(name: str, mask, like_name: str, like: torch.Tensor) -> torch.Tensor:
+    """Validate a 0/1 mask against ``like`` (same shape) and return it as ``like``'s float dtype.
+
+    Any real dtype is accepted (bool, ints, floats); every value must be exactly 0 or 1 (2, -1, 0.5, NaN are
+    refused: a mask of 2s would double every sum)."""
+    check_tensor(name, mask)
+    check_same_shape(**{like_name: like, name: mask})
+    if mask.dtype != torch.bool:
+        ok = (mask == 0) | (mask == 1)
+        if not bool(ok.all()):
+            raise ValueError(f"{name} must hold only 0 and 1 ({_first_bad(~ok, mask)})")
+    return mask.to(like.dtype)
 
 
-def check_group_size(batch: int, group_size: int) -> None:
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if batch % group_size != 0:
-        raise ValueError(
-            f"batch size {batch} is not a multiple of group_size {group_size}: "
-            "a GRPO batch must hold whole groups of completions of one prompt"
-        )
+def check_ids(name: str, ids, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Integer token ids (any integer dtype, returned as int64, which ``gather``/``Embedding`` need) in
+    ``[0, vocab_size)``; float, bool and complex ids are refused."""
+    check_tensor(name, ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer ids, got dtype {ids.dtype}")
+    ids = ids.long()
+    if vocab_size is not None and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
+    return ids
 
 
-def mask_like(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Validate a response mask against ``ref`` and return it as a float tensor of ``ref``'s dtype."""
-    check_same_shape(mask=mask, values=ref)
-    if mask.dtype != torch.bool and mask.is_floating_point():
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must hold only 0 and 1")
-    return mask.to(ref.dtype)
+def mask_like(mask: torch.Tensor, ref: torch.Tensor, name: str = "mask", like_name: str = "values") -> torch.Tensor:
+    """:func:`check_mask` with the argument order of the first version (kept for internal callers)."""
+    return check_mask(name, mask, like_name, ref)

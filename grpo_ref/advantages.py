@@ -11,30 +11,57 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_2d, check_choice, check_finite, check_group_size, check_same_shape, mask_like
-from .masks import masked_whiten
+from ._checks import (
+    as_float,
+    check_2d,
+    check_choice,
+    check_dim,
+    check_finite,
+    check_float_tensor,
+    check_group_size,
+    check_int,
+    check_mask,
+    check_real,
+    check_same_shape,
+    check_tensor,
+)
+from .masks import _masked_whiten
 
 ADV_SCALES = ("group", "batch", "none")
 
 
-def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def _check_rewards(rewards, group_size, min_size: int = 2, name: str = "rewards") -> torch.Tensor:
+    """``rewards: [B]`` real (bool counts as 0/1), finite, and a valid ``group_size``; returns ``[B / G, G]`` float."""
+    check_tensor(name, rewards)
     if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
-    check_finite("rewards", rewards)
-    check_group_size(rewards.shape[0], group_size)
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
-    return as_float(rewards).view(-1, group_size)
+        raise ValueError(f"{name} must be 1-D [B], got shape {tuple(rewards.shape)}")
+    check_finite(name, rewards)
+    check_group_size(rewards.shape[0], group_size, min_size, batch_name=name)
+    return _grouped(as_float(rewards), group_size)
 
 
-def _masked_in(x: torch.Tensor, m: torch.Tensor, name: str) -> torch.Tensor:
-    """``x`` with masked-out entries set to 0; ``ValueError`` if a masked-in entry is NaN or inf."""
-    check_finite(name, x[m > 0])
+def _grouped(r: torch.Tensor, group_size: int) -> torch.Tensor:
+    return r.reshape(r.shape[0] // group_size, group_size)
+
+
+def _check_token_rewards(token_rewards, mask, gamma) -> tuple:
+    """``token_rewards, mask: [B, T]``: real, 0/1 mask, rewards finite where the mask is 1; ``gamma`` in [0, 1]."""
+    check_float_tensor("token_rewards", token_rewards)
+    check_2d("token_rewards", token_rewards)
+    r = as_float(token_rewards)
+    m = check_mask("mask", mask, "token_rewards", r)
+    check_finite("token_rewards", r, where=m > 0)
+    return _zero_out(r, m), m, check_real("gamma", gamma, lo=0.0, hi=1.0)
+
+
+def _zero_out(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _centred(g: torch.Tensor) -> torch.Tensor:
     """``R - mean(R_group)``, exactly 0 in groups whose rewards are all equal (no rounding residue)."""
+    if g.numel() == 0:
+        return g.clone()
     same = g.amax(-1, keepdim=True) == g.amin(-1, keepdim=True)
     return torch.where(same, torch.zeros_like(g), g - g.mean(-1, keepdim=True))
 
@@ -43,23 +70,24 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
     """GRPO outcome-supervision advantage (DeepSeekMath sec. 4.1.2): ``A_i = (R_i - mean(R_group)) / (std + eps)``.
 
     Args:
-        rewards: ``[B]`` scalar rewards, groups of ``group_size`` contiguous rows.
+        rewards: ``[B]`` finite real rewards (bool counts as 0/1), groups of ``group_size`` contiguous rows.
+        group_size: an int ``>= 2`` dividing ``B``.
         scale: ``"group"``: divide by the group's std (DeepSeekMath; TRL ``scale_rewards="group"``; verl ``grpo``);
             ``"batch"``: divide by the std of all rewards of the batch (TRL ``scale_rewards="batch"``);
             ``"none"``: no division (Dr. GRPO; TRL ``"none"``; verl ``norm_adv_by_std_in_grpo=False``).
         eps: added to the std. The paper gives none; TRL uses 1e-4, verl 1e-6 (our default), OpenRLHF 1e-9.
             With ``eps > 0`` the advantage is invariant to reward shift exactly and to positive scale only up to
-            ``eps / std``.
+            ``eps / std``. Must be finite and ``>= 0``.
     Std is the unbiased (Bessel-corrected) one, as ``torch.std`` in TRL and verl. A group whose rewards are all
     equal gets advantage exactly 0 (it carries no learning signal; only a KL term can move the policy there).
 
     Returns:
-        ``[B]`` advantages.
+        ``[B]`` advantages (empty for ``B = 0``). Refused: NaN/inf or complex rewards, rewards that are not
+        ``[B]``, a ``group_size`` that is not an int ``>= 2`` dividing ``B`` (bool included), ``eps`` NaN/inf/negative.
     """
     check_choice("advantage scale", scale, ADV_SCALES)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    g = _grouped(rewards, group_size)
+    eps = check_real("eps", eps, lo=0.0)
+    g = _check_rewards(rewards, group_size)
     centred = _centred(g)
     if scale == "group":
         centred = centred / (g.std(-1, keepdim=True) + eps)
@@ -72,24 +100,28 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO leave-one-out baseline (Ahmadian et al. 2024): ``A_i = R_i - mean_{j != i} R_j = G/(G-1) (R_i - mean)``.
 
-    Args: rewards ``[B]``, groups of ``group_size >= 2`` contiguous rows. Returns ``[B]``.
+    Args: rewards ``[B]`` finite, groups of ``group_size >= 2`` (an int dividing ``B``) contiguous rows.
+    Returns ``[B]`` (empty for ``B = 0``); refused inputs as :func:`grpo_advantages`.
     """
-    g = _grouped(rewards, group_size)
+    g = _check_rewards(rewards, group_size)
     return (_centred(g) * (group_size / (group_size - 1))).reshape(-1)
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Return-to-go ``G_t = sum_{s >= t, m_s = 1} gamma^{(# masked-in steps from t to s)} r_s`` over masked-in positions.
 
-    Masked-out positions are skipped (they neither add reward nor count as a step) and get 0.
-    Shapes: ``[B, T]`` in, ``[B, T]`` out.
+    Masked-out positions are skipped (they neither add reward nor count as a step) and get 0; they may hold
+    NaN/inf (padding). Shapes: ``[B, T]`` in, ``[B, T]`` out (``B = 0`` or ``T = 0`` give an empty result).
+    Refused: ``gamma`` outside ``[0, 1]`` or NaN, a mask with values other than 0/1, NaN/inf rewards at
+    masked-in positions, shapes that are not ``[B, T]`` or differ.
     """
-    check_2d("token_rewards", token_rewards)
-    r = as_float(token_rewards)
-    m = mask_like(mask, r)
-    r = _masked_in(r, m, "token_rewards")
+    r, m, gamma = _check_token_rewards(token_rewards, mask, gamma)
+    return _discounted_returns(r, m, gamma)
+
+
+def _discounted_returns(r: torch.Tensor, m: torch.Tensor, gamma: float) -> torch.Tensor:
     out = torch.zeros_like(r)
-    running = torch.zeros_like(r[:, 0])
+    running = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
     for t in range(r.shape[1] - 1, -1, -1):
         running = torch.where(m[:, t] > 0, r[:, t] + gamma * running, running)
         out[:, t] = running
@@ -110,17 +142,16 @@ def reinforce_pp_advantages(
     Whitening uses the unbiased variance and ``eps = 1e-8`` (verl's ``masked_whiten``).
 
     Shapes: ``token_rewards, mask: [B, T]`` -> ``[B, T]`` (0 on masked-out positions).
+    Refused inputs: as :func:`discounted_returns`, and a ``group_size`` that is not None or an int ``>= 2``
+    dividing ``B``. (``gamma`` only acts without ``group_size``; it is validated either way.)
     """
-    check_2d("token_rewards", token_rewards)
-    r = as_float(token_rewards)
-    m = mask_like(mask, r)
+    r, m, gamma = _check_token_rewards(token_rewards, mask, gamma)
     if group_size is None:
-        returns = discounted_returns(r, m, gamma)
+        returns = _discounted_returns(r, m, gamma)
     else:
-        score = (torch.where(m > 0, r, torch.zeros_like(r))).sum(-1)
-        g = _grouped(score, group_size)
-        returns = _centred(g).reshape(-1)[:, None] * m
-    return masked_whiten(returns, m)
+        check_group_size(r.shape[0], group_size, 2, batch_name="token_rewards")
+        returns = _centred(_grouped(r.sum(-1), group_size)).reshape(-1)[:, None] * m
+    return _masked_whiten(returns, m)
 
 
 def gae_advantages(
@@ -135,18 +166,23 @@ def gae_advantages(
 
     Shapes: ``token_rewards, values, mask: [B, T]`` -> ``(advantages [B, T], returns [B, T])``, 0 where masked out.
     Values are treated as constants (no gradient flows into the critic through the targets).
+    Refused: ``gamma`` or ``lam`` outside ``[0, 1]`` or NaN, unequal shapes, a mask with values other than 0/1,
+    NaN/inf in ``token_rewards`` or ``values`` at masked-in positions (padding may hold anything).
+    ``B = 0`` or ``T = 0`` give empty results.
     """
-    check_2d("token_rewards", token_rewards)
+    check_float_tensor("values", values)
     check_same_shape(token_rewards=token_rewards, values=values, mask=mask)
-    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
-        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
-    r = as_float(token_rewards)
-    m = mask_like(mask, r)
-    r = _masked_in(r, m, "token_rewards")
-    v = _masked_in(as_float(values).detach().to(r.dtype), m, "values")
+    r, m, gamma = _check_token_rewards(token_rewards, mask, gamma)
+    lam = check_real("lam", lam, lo=0.0, hi=1.0)
+    v = as_float(values).detach().to(r.dtype)
+    check_finite("values", v, where=m > 0)
+    return _gae(r, _zero_out(v, m), m, gamma, lam)
+
+
+def _gae(r: torch.Tensor, v: torch.Tensor, m: torch.Tensor, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
     adv = torch.zeros_like(r)
-    next_value = torch.zeros_like(r[:, 0])
-    next_adv = torch.zeros_like(r[:, 0])
+    next_value = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
+    next_adv = torch.zeros_like(next_value)
     for t in range(r.shape[1] - 1, -1, -1):
         delta = r[:, t] + gamma * next_value - v[:, t]
         a = delta + gamma * lam * next_adv
@@ -173,34 +209,47 @@ def process_advantages(
         step_ends: ``[B, S]`` integer token index (into ``T``) of the last token of each step.
         step_mask: ``[B, S]`` 1 for real steps, 0 for padding steps.
         mask: ``[B, T]`` response mask; the advantage is 0 outside it.
-        group_size: ``G``; rows ``g*G .. g*G+G-1`` share a prompt. Std is unbiased; a group whose valid step rewards
-            are all equal (or that has a single step) gets 0.
+        group_size: ``G``, an int ``>= 1`` dividing ``B``; rows ``g*G .. g*G+G-1`` share a prompt. Std is unbiased;
+            a group whose valid step rewards are all equal (or that has a single step) gets 0.
+        eps: added to the std; finite and ``>= 0``.
     Returns:
-        ``[B, T]`` token advantages.
+        ``[B, T]`` token advantages (empty for ``B = 0``; 0 everywhere for ``S = 0``).
+    Refused: NaN/inf step rewards of real steps (padding steps may hold anything), masks with values other than
+    0/1, float/bool ``step_ends`` or real steps ending outside ``[0, T)``, unequal shapes, a bad ``group_size`` or ``eps``.
     """
+    check_float_tensor("step_rewards", step_rewards)
     check_2d("step_rewards", step_rewards)
     check_same_shape(step_rewards=step_rewards, step_ends=step_ends, step_mask=step_mask)
     check_2d("mask", mask)
     if mask.shape[0] != step_rewards.shape[0]:
         raise ValueError(f"mask has {mask.shape[0]} rows but step_rewards has {step_rewards.shape[0]}")
     r = as_float(step_rewards)
-    sm = mask_like(step_mask, r)
-    r = _masked_in(r, sm, "step_rewards")
+    sm = check_mask("step_mask", step_mask, "step_rewards", r)
+    check_finite("step_rewards", r, where=sm > 0)
+    r = _zero_out(r, sm)
+    tm = check_mask("mask", mask, "mask", as_float(mask))
     b, s = r.shape
-    check_group_size(b, group_size)
-    if step_ends.dtype.is_floating_point or ((step_ends < 0) | (step_ends >= mask.shape[1]))[sm > 0].any():
-        raise ValueError(f"step_ends must be integer token indices in [0, {mask.shape[1]})")
-    rg, mg = r.view(-1, group_size * s), sm.view(-1, group_size * s)
+    check_group_size(b, group_size, 1, batch_name="step_rewards")
+    eps = check_real("eps", eps, lo=0.0)
+    if step_ends.dtype.is_floating_point or step_ends.dtype == torch.bool or step_ends.is_complex():
+        raise ValueError(f"step_ends must be integer token indices in [0, {mask.shape[1]}), got dtype {step_ends.dtype}")
+    outside = ((step_ends < 0) | (step_ends >= mask.shape[1])) & (sm > 0)
+    if bool(outside.any()):
+        raise ValueError(f"step_ends must be integer token indices in [0, {mask.shape[1]}), got {step_ends[outside][:3].tolist()} at real steps")
+    if s == 0:  # no step: no reward to spread
+        return torch.zeros(b, mask.shape[1], dtype=r.dtype, device=r.device)
+    n_groups = b // group_size
+    rg, mg = r.reshape(n_groups, group_size * s), sm.reshape(n_groups, group_size * s)
     n = mg.sum(-1, keepdim=True)
     mean = (rg * mg).sum(-1, keepdim=True) / n.clamp_min(1)
     var = (((rg - mean) * mg) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
     big, small = torch.where(mg > 0, rg, -torch.inf).amax(-1, True), torch.where(mg > 0, rg, torch.inf).amin(-1, True)
     flat = (big == small) | (n <= 1)
     norm = torch.where(flat, torch.zeros_like(rg), (rg - mean) / (var.sqrt() + eps)) * mg
-    norm = norm.view(b, s)
+    norm = norm.reshape(b, s)
     t = torch.arange(mask.shape[1], device=mask.device)
     covers = (step_ends[:, :, None] >= t[None, None, :]).to(r.dtype)  # [B, S, T]
-    return torch.einsum("bs,bst->bt", norm, covers) * mask_like(mask, r[:, :1].expand(b, mask.shape[1]))
+    return torch.einsum("bs,bst->bt", norm, covers) * tm.to(r.dtype)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) -> torch.Tensor:
@@ -209,11 +258,19 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) 
     ``0`` if ``|y| <= L_max - L_cache``; ``((L_max - L_cache) - |y|) / L_cache`` (from 0 down to -1) if
     ``L_max - L_cache < |y| <= L_max``; ``-1`` if ``|y| > L_max``.
 
-    Args: lengths ``[B]`` response lengths; ``0 < cache_length <= max_length``. Returns ``[B]`` float32.
+    Args: lengths ``[B]`` response lengths (finite, ``>= 0``; a tensor or a list); ``max_length`` and
+    ``cache_length`` ints with ``0 < cache_length <= max_length``. Returns ``[B]`` float32 (empty for ``B = 0``).
     """
+    max_length = check_int("max_length", max_length, lo=1)
+    cache_length = check_int("cache_length", cache_length)
     if not (0 < cache_length <= max_length):
         raise ValueError(f"need 0 < cache_length <= max_length, got cache_length={cache_length}, max_length={max_length}")
-    lengths = as_float(torch.as_tensor(lengths))
+    lengths = check_float_tensor("lengths", torch.as_tensor(lengths))
+    check_dim("lengths", lengths, 1, "[B]")
+    check_finite("lengths", lengths)
+    if bool((lengths < 0).any()):
+        raise ValueError(f"lengths must be >= 0, got {lengths[lengths < 0][:3].tolist()}")
+    lengths = as_float(lengths)
     soft = max_length - cache_length
     pen = (soft - lengths) / cache_length
     return torch.where(lengths <= soft, torch.zeros_like(pen), torch.where(lengths <= max_length, pen, -torch.ones_like(pen)))

@@ -19,25 +19,48 @@ recent verl drops fully masked sequences from the count).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_2d, check_choice, mask_like
+from ._checks import as_float, check_2d, check_choice, check_finite, check_mask, check_optional_real
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def check_aggregate_args(
+    name: str, loss_mat, mask, loss_agg_mode, norm_length
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[float]]:
+    """Validate :func:`aggregate`'s arguments, naming the per-token tensor ``name``; returns ``(values, m, norm)``
+    with ``values`` in at least float32, ``m`` the float mask and ``norm`` the resolved ``norm_length``."""
+    check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    check_2d(name, loss_mat)
+    values = as_float(loss_mat)
+    m = check_mask("mask", mask, name, values)
+    check_finite(name, values, where=m > 0)
+    norm = check_optional_real("norm_length", norm_length, lo=0.0, lo_open=True)
+    if loss_agg_mode == "seq-mean-token-sum-norm" and norm is None:
+        norm = float(max(m.shape[-1], 1))  # T; with T = 0 there is no token and every sum is 0 anyway
+    return values, m, norm
 
 
 def aggregate(
     loss_mat: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, norm_length: Optional[float] = None
 ) -> torch.Tensor:
     """Reduce per-token losses ``loss_mat: [B, T]`` under ``mask: [B, T]`` to a scalar, by ``loss_agg_mode``
-    (table above)."""
-    mode = loss_agg_mode
-    check_choice("loss_agg_mode", mode, LOSS_AGG_MODES)
-    check_2d("loss_mat", loss_mat)
-    values = as_float(loss_mat)
-    m = mask_like(mask, values)
+    (table above).
+
+    ``norm_length``: None (``T``) or a finite number ``> 0``. Refused (``ValueError``): an unknown mode, a
+    ``loss_mat`` that is not 2-D or complex, a mask of another shape or with values other than 0/1, NaN/inf in
+    ``loss_mat`` at masked-in positions (masked-out positions may hold anything: they never reach the result).
+    An empty batch (``B = 0``) or ``T = 0`` gives 0 (a sum over no token).
+    """
+    values, m, norm = check_aggregate_args("loss_mat", loss_mat, mask, loss_agg_mode, norm_length)
+    return _aggregate(values, m, loss_agg_mode, norm)
+
+
+def _aggregate(values: torch.Tensor, m: torch.Tensor, mode: str, norm: Optional[float]) -> torch.Tensor:
+    """:func:`aggregate` without the checks (``m`` a float 0/1 mask, ``norm`` resolved)."""
     # where() rather than a bare product: a non-finite value in a masked-out slot must not leak (0 * inf = nan)
     tok = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device)) * m
     if mode == "token-mean":
@@ -46,8 +69,5 @@ def aggregate(
     if mode == "seq-mean-token-mean":
         seq = seq / m.sum(-1).clamp_min(1.0)
     elif mode == "seq-mean-token-sum-norm":
-        norm = float(m.shape[-1] if norm_length is None else norm_length)
-        if norm <= 0:
-            raise ValueError(f"norm_length must be > 0, got {norm_length}")
         seq = seq / norm
     return seq.mean() if seq.numel() else seq.sum()

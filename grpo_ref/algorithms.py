@@ -37,13 +37,29 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_2d, check_choice, mask_like
+from dataclasses import fields as dataclass_fields
+
+from ._checks import (
+    as_float,
+    check_2d,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_group_size,
+    check_int,
+    check_mask,
+    check_optional_real,
+    check_real,
+    check_same_shape,
+    check_tensor,
+)
 from .advantages import ADV_SCALES, gae_advantages, grpo_advantages, overlong_penalty, reinforce_pp_advantages, rloo_advantages
 from .aggregation import LOSS_AGG_MODES
-from .kl import KL_ESTIMATORS, kl_estimate
-from .masks import masked_sum, masked_whiten
+from .kl import _ESTIMATORS, KL_ESTIMATORS
+from .masks import _masked_sum, _masked_whiten
 from .surrogate import RATIO_LEVELS, policy_loss
-from .ppo import entropy_bonus, kl_in_reward, value_loss
+from .ppo import entropy_bonus, value_loss
 
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
@@ -79,6 +95,10 @@ class AlgoConfig:
     filter_groups: bool = False  # DAPO dynamic sampling: the training loop drops zero-variance groups
 
     def __post_init__(self) -> None:
+        """Refuse every bad field with a ``ValueError`` naming it: NaN/inf and out-of-range numbers (checks are
+        written so that NaN fails them), ``bool`` where an int is meant, non-bools for the flags."""
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a str, got {self.name!r}")
         check_choice("loss_fn", self.loss_fn, LOSS_REGISTRY)
         check_choice("adv_estimator", self.adv_estimator, ADV_ESTIMATORS)
         check_choice("adv_scale", self.adv_scale, ADV_SCALES)
@@ -86,27 +106,38 @@ class AlgoConfig:
         check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("kl_placement", self.kl_placement, ("loss", "reward"))
+        check_int("group_size", self.group_size, lo=1)
         if self.adv_estimator in GROUP_ESTIMATORS and self.group_size < 2:
             raise ValueError(f"{self.adv_estimator} needs group_size >= 2 (a group baseline of one is the sample itself), got {self.group_size}")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if not (0 < self.eps_low < 1) or self.eps_high <= 0:
-            raise ValueError(f"need 0 < eps_low < 1 and eps_high > 0, got eps_low={self.eps_low}, eps_high={self.eps_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.kl_coef < 0 or self.adv_eps < 0 or self.vf_coef < 0 or self.ent_coef < 0:
-            raise ValueError("kl_coef, adv_eps, vf_coef and ent_coef must be >= 0")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
+        check_real("eps_low", self.eps_low, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        check_real("eps_high", self.eps_high, lo=0.0, lo_open=True)
+        check_optional_real("dual_clip", self.dual_clip, lo=1.0, lo_open=True)
+        for name in ("adv_eps", "kl_coef", "vf_coef", "ent_coef"):
+            check_real(name, getattr(self, name), lo=0.0)
+        check_real("gamma", self.gamma, lo=0.0, hi=1.0)
+        check_real("lam", self.lam, lo=0.0, hi=1.0)
+        check_optional_real("value_clip", self.value_clip, lo=0.0, lo_open=True)
+        check_optional_real("norm_length", self.norm_length, lo=0.0, lo_open=True)
+        for name in ("whiten_advantages", "filter_groups"):
+            check_bool(name, getattr(self, name))
         if self.adv_estimator == "gae" and self.loss_fn != "ppo":
             raise ValueError("adv_estimator='gae' needs a critic: use loss_fn='ppo'")
-        if self.overlong_buffer is not None and (self.max_response_length is None or not 0 < self.overlong_buffer <= self.max_response_length):
-            raise ValueError("overlong_buffer needs max_response_length >= overlong_buffer > 0")
-        if self.norm_length is not None and self.norm_length <= 0:
-            raise ValueError(f"norm_length must be > 0, got {self.norm_length}")
+        if self.max_response_length is not None:
+            check_int("max_response_length", self.max_response_length, lo=1)
+        if self.overlong_buffer is not None:
+            check_int("overlong_buffer", self.overlong_buffer, lo=1)
+            if self.max_response_length is None or self.overlong_buffer > self.max_response_length:
+                raise ValueError(
+                    f"overlong_buffer needs max_response_length >= overlong_buffer > 0, got overlong_buffer="
+                    f"{self.overlong_buffer}, max_response_length={self.max_response_length}"
+                )
 
     def replace(self, **changes) -> "AlgoConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); an unknown field is a ``ValueError``."""
+        known = {f.name for f in dataclass_fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown AlgoConfig field(s) {unknown}; expected some of {sorted(known)}")
         return replace(self, **changes)
 
     def to_dict(self) -> Dict:
@@ -126,6 +157,15 @@ class LossInputs:
     values: Optional[torch.Tensor] = None
     old_values: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        """Types only (each field a real tensor, or None where optional); shapes and values are checked by the
+        loss that uses them, with the field's name in the message."""
+        for f in dataclass_fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name not in ("logp", "old_logp", "advantages", "mask"):
+                continue
+            check_tensor(f"LossInputs.{f.name}", value)
 
 
 def _policy_part(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -172,8 +212,20 @@ LOSS_REGISTRY: Dict[str, Callable[[LossInputs, AlgoConfig], Tuple[torch.Tensor, 
 
 
 def compute_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """``LOSS_REGISTRY[cfg.loss_fn](inp, cfg)``: the one call a training loop makes."""
+    """``LOSS_REGISTRY[cfg.loss_fn](inp, cfg)``: the one call a training loop makes.
+
+    Refused (``ValueError`` naming the :class:`LossInputs` field): everything :func:`~grpo_ref.surrogate.policy_loss`
+    and :func:`~grpo_ref.ppo.value_loss` refuse (shapes, masks other than 0/1, NaN/inf at masked-in positions);
+    ``inp`` not a :class:`LossInputs` or ``cfg`` not an :class:`AlgoConfig`."""
+    _check_types(inp, cfg)
     return LOSS_REGISTRY[cfg.loss_fn](inp, cfg)
+
+
+def _check_types(inp, cfg) -> None:
+    if not isinstance(inp, LossInputs):
+        raise ValueError(f"inp must be a LossInputs, got {type(inp).__name__}")
+    if not isinstance(cfg, AlgoConfig):
+        raise ValueError(f"cfg must be an AlgoConfig, got {type(cfg).__name__}")
 
 
 def compute_advantages(
@@ -198,23 +250,47 @@ def compute_advantages(
 
     Returns:
         ``(advantages [B, T], returns [B, T] or None)``; 0 on masked-out positions.
+
+    Refused with a ``ValueError`` naming the argument: ``cfg`` not an :class:`AlgoConfig`; a ``mask`` that is not
+    ``[B, T]`` or holds values other than 0/1; ``scores`` that are not ``[B]`` or hold NaN/inf; ``B`` not a
+    multiple of ``cfg.group_size`` for group estimators; ``old_logp`` / ``ref_logp`` / ``values`` of another
+    shape or with NaN/inf at masked-in positions (padding may hold anything). ``B = 0`` gives empty results.
     """
+    if not isinstance(cfg, AlgoConfig):
+        raise ValueError(f"cfg must be an AlgoConfig, got {type(cfg).__name__}")
     check_2d("mask", mask)
-    m = as_float(mask)
-    scores = as_float(torch.as_tensor(scores, device=m.device)).detach()
+    m = check_mask("mask", mask, "mask", as_float(mask))
+    on = m > 0
+    scores = check_tensor("scores", torch.as_tensor(scores, device=m.device))
     if scores.dim() != 1 or scores.shape[0] != m.shape[0]:
         raise ValueError(f"scores must be [B] = [{m.shape[0]}], got shape {tuple(scores.shape)}")
-    if cfg.overlong_buffer is not None:
-        scores = scores + overlong_penalty(m.sum(-1), cfg.max_response_length, cfg.overlong_buffer).to(scores)
+    check_finite("scores", scores)
+    scores = as_float(scores).detach()
+    if cfg.adv_estimator in GROUP_ESTIMATORS:
+        check_group_size(scores.shape[0], cfg.group_size, 2, batch_name="scores")
     kl_reward = cfg.kl_placement == "reward" and cfg.kl_coef > 0
     if kl_reward and (old_logp is None or ref_logp is None):
         raise ValueError("kl_placement='reward' with kl_coef > 0 needs old_logp and ref_logp")
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("values", values)):
+        if x is not None:
+            check_float_tensor(name, x)
+            check_same_shape(mask=mask, **{name: x})
+            if name == "values" or kl_reward:
+                check_finite(name, x, where=on)
+    if cfg.overlong_buffer is not None:
+        scores = scores + overlong_penalty(m.sum(-1), cfg.max_response_length, cfg.overlong_buffer).to(scores)
     beta = cfg.kl_coef if kl_reward else 0.0
-    zeros = torch.zeros_like(m)
-    token_rewards = kl_in_reward(scores, old_logp if kl_reward else zeros, ref_logp if kl_reward else zeros, mask, beta, cfg.kl_estimator)
+    dtype = as_float(old_logp).dtype if kl_reward else m.dtype
+    token_rewards = torch.zeros(m.shape, dtype=dtype, device=m.device)
     seq_scores = scores
-    if kl_reward:  # sequence estimators see score - beta * sum_t k(t)
-        seq_scores = scores - beta * masked_sum(kl_estimate(old_logp, ref_logp, cfg.kl_estimator), m, dim=-1)
+    if kl_reward:  # token estimators get -beta * k(t) per token; sequence estimators see score - beta * sum_t k(t)
+        zero = torch.zeros((), dtype=dtype, device=m.device)
+        old = torch.where(on, as_float(old_logp).detach(), zero)
+        ref = torch.where(on, as_float(ref_logp).detach().to(dtype), zero)
+        kl = _ESTIMATORS[cfg.kl_estimator](old, ref, 20.0)
+        token_rewards = -beta * kl * m
+        seq_scores = scores - beta * _masked_sum(kl, m.to(dtype), dim=-1)
+    token_rewards = token_rewards + _last_token(scores.to(dtype), m.to(dtype))
     returns = None
     est = cfg.adv_estimator
     if est in ("grpo", "rloo"):
@@ -229,8 +305,20 @@ def compute_advantages(
             raise ValueError("adv_estimator='gae' needs values from the critic")
         adv, returns = gae_advantages(token_rewards, values, m, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            adv = masked_whiten(adv, m)
+            adv = _masked_whiten(adv, m)
     return adv, returns
+
+
+def _last_token(scores: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: each sequence's score on its last response token (a row of 0s for an empty response)."""
+    out = torch.zeros_like(m)
+    if m.shape[1] == 0:
+        return out
+    pos = torch.arange(m.shape[1], device=m.device)
+    last = torch.where(m > 0, pos, -1).amax(-1)
+    has = last >= 0
+    out[torch.arange(m.shape[0], device=m.device)[has], last[has]] = scores[has]
+    return out
 
 
 #: The published recipes, each an :class:`AlgoConfig` of the same parts (see the table above for the names
@@ -256,6 +344,8 @@ PRESETS: Dict[str, AlgoConfig] = {
 
 
 def get_preset(name: str, **overrides) -> AlgoConfig:
-    """The named preset (``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``rloo``, ``reinforce_pp``, ``ppo``), with overrides."""
+    """The named preset (``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``rloo``, ``reinforce_pp``, ``ppo``), with overrides.
+
+    An unknown name or field, or a bad field value, is a ``ValueError`` naming it (see :class:`AlgoConfig`)."""
     check_choice("algorithm", name, PRESETS)
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

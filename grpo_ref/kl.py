@@ -26,32 +26,62 @@ from typing import Optional
 
 import torch
 
-from ._checks import as_float, check_choice, check_same_shape
+from ._checks import NonFiniteInputError, _first_bad, as_float, check_choice, check_finite, check_float_tensor, check_optional_real, check_same_shape
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
+def check_log_ratio_args(logp, ref_logp, max_log_ratio) -> Optional[float]:
+    """Validate the arguments of the k-estimators: equal-shape real tensors, finite everywhere (there is no mask
+    here: zero the padding first, or use :func:`~grpo_ref.surrogate.policy_loss`, which skips it), and
+    ``max_log_ratio`` None or finite ``> 0``."""
+    check_float_tensor("logp", logp)
+    check_float_tensor("ref_logp", ref_logp)
+    check_same_shape(logp=logp, ref_logp=ref_logp)
+    check_finite("logp", logp)
+    check_finite("ref_logp", ref_logp)
+    return check_optional_real("max_log_ratio", max_log_ratio, lo=0.0, lo_open=True)
+
+
 def _log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float]) -> torch.Tensor:
     """``ref - lp`` in at least float32, optionally clamped to ``[-max_log_ratio, max_log_ratio]``."""
-    check_same_shape(logp=logp, ref_logp=ref_logp)
     d = as_float(ref_logp) - as_float(logp)
     if max_log_ratio is not None:
-        if max_log_ratio <= 0:
-            raise ValueError(f"max_log_ratio must be > 0 or None, got {max_log_ratio}")
         d = d.clamp(-max_log_ratio, max_log_ratio)
     return d
 
 
-def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
-    """Schulman's k1 ``= lp - ref`` per token. Shapes: any equal shapes, e.g. ``[B, T]``; returns the same."""
+def _k1(logp, ref_logp, max_log_ratio):
     return -_log_ratio(logp, ref_logp, max_log_ratio)
+
+
+def _k2(logp, ref_logp, max_log_ratio):
+    return 0.5 * _log_ratio(logp, ref_logp, max_log_ratio) ** 2
+
+
+def _k3(logp, ref_logp, max_log_ratio):
+    d = _log_ratio(logp, ref_logp, max_log_ratio)
+    return torch.expm1(d) - d
+
+
+_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3}
+
+_REFUSED = """Refused (``ValueError`` naming the argument): complex or bool tensors, unequal shapes, NaN/inf anywhere in
+    ``logp`` or ``ref_logp``, ``max_log_ratio`` that is not None or a finite number ``> 0``."""
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
+    """Schulman's k1 ``= lp - ref`` per token. Shapes: any equal shapes, e.g. ``[B, T]``; returns the same.
+
+    {refused}"""
+    return _k1(logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 
 def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
     """Schulman's k2 ``= (lp - ref)^2 / 2`` per token (verl ``kl_penalty="mse"``/``"k2"``).
 
-    Shapes: ``logp, ref_logp: [B, T]`` (any equal shapes) -> the same shape, at least float32."""
-    return 0.5 * _log_ratio(logp, ref_logp, max_log_ratio) ** 2
+    Shapes: ``logp, ref_logp: [B, T]`` (any equal shapes) -> the same shape, at least float32. {refused}"""
+    return _k2(logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
@@ -59,10 +89,9 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[fl
 
     Estimates ``KL(pi_theta || pi_ref)`` when tokens are sampled from ``pi_theta``.
     Shapes: ``logp, ref_logp: [B, T]`` (any equal shapes) -> the same shape, at least float32.
-    See the module docstring for the clamp.
+    See the module docstring for the clamp. {refused}
     """
-    d = _log_ratio(logp, ref_logp, max_log_ratio)
-    return torch.expm1(d) - d
+    return _k3(logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 
 def kl_estimate(
@@ -70,9 +99,19 @@ def kl_estimate(
 ) -> torch.Tensor:
     """Dispatch to ``kl_k1`` / ``kl_k2`` / ``kl_k3`` by name (verl: ``kl``/``mse``/``low_var_kl``).
 
-    Shapes: ``logp, ref_logp: [B, T]`` -> ``[B, T]``."""
+    Shapes: ``logp, ref_logp: [B, T]`` -> ``[B, T]``. {refused}"""
     check_choice("KL estimator", estimator, KL_ESTIMATORS)
-    return {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[estimator](logp, ref_logp, max_log_ratio)
+    return _ESTIMATORS[estimator](logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
+
+
+for _f in (kl_k1, kl_k2, kl_k3, kl_estimate):
+    _f.__doc__ = _f.__doc__.replace("{refused}", _REFUSED)
+
+
+def _check_logits_arg(name: str, x) -> None:
+    check_float_tensor(name, x)
+    if not x.is_floating_point() or x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must be a floating-point tensor [..., V] with V >= 1, got dtype {x.dtype}, shape {tuple(x.shape)}")
 
 
 def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -82,16 +121,42 @@ def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tens
     that k1 and k3 estimate on policy samples; swap the arguments for the forward KL ``KL(ref || pi)``.
 
     Args:
-        p_logits, q_logits: ``[..., V]``, broadcastable (e.g. one reference row against a batch).
+        p_logits, q_logits: ``[..., V]`` floating point, broadcastable (e.g. one reference row against a batch).
+            -inf entries (probability 0) are allowed. Refused: NaN or +inf logits, a row that is -inf everywhere.
     Returns:
-        ``[...]`` KL per position, float32 or float64, >= 0 up to rounding.
+        ``[...]`` KL per position, float32 or float64, >= 0 up to rounding. Where ``q_logits`` is -inf on a
+        token that ``p`` gives mass, the KL is exactly ``+inf`` and that is what is returned (not NaN).
     """
+    _check_logits_arg("p_logits", p_logits)
+    _check_logits_arg("q_logits", q_logits)
     try:
         shape = torch.broadcast_shapes(p_logits.shape, q_logits.shape)
     except RuntimeError:
         raise ValueError(f"shape mismatch: p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} do not broadcast") from None
+    kl = _categorical_kl(p_logits, q_logits, shape)
+    if not bool(torch.isfinite(kl).all()):  # one pass over [...], V times smaller than the logits
+        _explain_categorical_kl(p_logits, q_logits, shape, kl)
+    return kl
+
+
+def _categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, shape) -> torch.Tensor:
     logp = torch.log_softmax(as_float(p_logits), -1).expand(shape)
     logq = torch.log_softmax(as_float(q_logits), -1).expand(shape)
     p = logp.exp()
     # 0 * log 0 = 0: positions where p is exactly 0 contribute nothing even if q is 0 there too.
     return (p * torch.where(p > 0, logp - logq, torch.zeros_like(p))).sum(-1)
+
+
+def _explain_categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, shape, kl: torch.Tensor) -> None:
+    """Raise for a non-finite KL unless it is the exact ``+inf`` of ``q = 0`` where ``p > 0``."""
+    for name, x in (("p_logits", p_logits), ("q_logits", q_logits)):
+        bad = torch.isnan(x) | (x == torch.inf)
+        if bool(bad.any()):
+            raise NonFiniteInputError(name, f"{name} contains NaN or +inf ({_first_bad(bad, x)})")
+        dead = ~(x > -torch.inf).any(-1)
+        if bool(dead.any()):
+            raise NonFiniteInputError(name, f"{name} has rows that are -inf everywhere (rows {dead.nonzero()[:3].tolist()})")
+    support = (torch.log_softmax(as_float(p_logits), -1).expand(shape) > -torch.inf) & torch.isneginf(q_logits).expand(shape)
+    overflow = ~torch.isfinite(kl) & ~support.any(-1)
+    if bool(overflow.any()):
+        raise NonFiniteInputError("p_logits", f"KL(p || q) overflows at positions {overflow.nonzero()[:3].tolist()}: pass float64 logits")

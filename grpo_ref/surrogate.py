@@ -19,21 +19,31 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_2d, check_choice, check_finite, check_same_shape, mask_like
-from .aggregation import aggregate
-from .kl import KL_ESTIMATORS, kl_estimate
-from .masks import masked_mean
+from ._checks import as_float, check_choice, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_2d
+from .aggregation import _aggregate, check_aggregate_args
+from .kl import _ESTIMATORS, KL_ESTIMATORS
+from .masks import _masked_mean
 
 RATIO_LEVELS = ("token", "sequence")
 
 
 def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    check_float_tensor("advantages", advantages)
     a = as_float(advantages).detach().to(like.dtype)
     if a.dim() == 1 and a.shape[0] == like.shape[0]:
         a = a[:, None].expand_as(like)
     if a.shape != like.shape:
         raise ValueError(f"advantages must be [B] or [B, T] matching logp {tuple(like.shape)}, got {tuple(advantages.shape)}")
     return a
+
+
+def _masked_input(name: str, x, like: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """A ``[B, T]`` constant input (``old_logp``, ``ref_logp``, ``entropy``): real, shaped like ``logp``, finite
+    where the mask is 1; returned detached in ``logp``'s float dtype."""
+    check_float_tensor(name, x)
+    check_same_shape(logp=like, **{name: x})
+    check_finite(name, x, where=on)
+    return as_float(x).detach().to(like.dtype)
 
 
 def policy_loss(
@@ -60,16 +70,23 @@ def policy_loss(
         logp: ``[B, T]`` log pi_theta of the sampled tokens (differentiable).
         old_logp: ``[B, T]`` log pi_old at sampling time (treated as constant).
         advantages: ``[B]`` (one per sequence, GRPO outcome supervision) or ``[B, T]`` (treated as constant).
-        mask: ``[B, T]`` response mask.
-        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``eps_high=None`` means ``eps_low``.
-        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``; None disables.
+        mask: ``[B, T]`` response mask of 0/1 (bool, int or float).
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``, ``0 < eps_low < 1``, finite ``eps_high > 0``;
+            ``eps_high=None`` means ``eps_low``.
+        dual_clip: finite ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``; None disables.
         ratio_level: ``"token"`` (PPO/GRPO) or ``"sequence"`` (GSPO).
         loss_agg_mode, norm_length: see :mod:`grpo_ref.aggregation`.
         ref_logp: ``[B, T]`` log pi_ref; needed when ``kl_coef > 0`` (constant).
-        kl_coef: beta of the KL term in the loss; ``kl_estimator`` in ``{"k1", "k2", "k3"}``.
+        kl_coef: finite ``beta >= 0`` of the KL term in the loss; ``kl_estimator`` in ``{"k1", "k2", "k3"}``.
         entropy: optional ``[B, T]`` per-token entropy, only reported (the bonus is added by ``ppo_loss``/``grpo_loss``).
-        max_log_ratio: ``lp - old`` (and the GSPO mean log-ratio) is clamped to ``+-max_log_ratio`` before ``exp``
-            (verl uses 20), so a stale or corrupt log-prob gives a finite, clipped loss rather than inf/NaN.
+        max_log_ratio: finite ``> 0``; ``lp - old`` (and the GSPO mean log-ratio) is clamped to ``+-max_log_ratio``
+            before ``exp`` (verl uses 20), so a stale log-prob gives a finite, clipped loss rather than inf/NaN.
+
+    Refused with a ``ValueError`` naming the argument: tensors of the wrong shape, complex or bool log-probs, a
+    mask with values other than 0/1, NaN/inf in ``logp``, ``old_logp``, ``advantages``, ``ref_logp`` or
+    ``entropy`` at masked-in positions, and every hyperparameter outside the ranges above (NaN and inf included).
+    Masked-out (padding) positions may hold anything, NaN and inf included: they reach neither the loss nor its
+    gradient. ``B = 0`` or ``T = 0`` (no token) gives a loss of 0.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a float32/64 scalar; ``metrics`` detached scalars: ``pg_loss``,
@@ -78,25 +95,47 @@ def policy_loss(
         ``KL(pi_old || pi_theta)`` on the old samples), ``ratio_mean/min/max``, ``kl_ref`` (masked mean of the KL
         estimate, when ``ref_logp`` is given), ``entropy`` (when given). All means are over masked-in tokens.
     """
-    check_2d("logp", logp)
-    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
-    eps_high = eps_low if eps_high is None else eps_high
-    if not (0 < eps_low < 1) or eps_high <= 0:
-        raise ValueError(f"need 0 < eps_low < 1 and eps_high > 0, got eps_low={eps_low}, eps_high={eps_high}")
-    if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip must be > 1 (verl default 3), got {dual_clip}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    eps_low = check_real("eps_low", eps_low, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    eps_high = eps_low if eps_high is None else check_real("eps_high", eps_high, lo=0.0, lo_open=True)
+    dual_clip = check_optional_real("dual_clip", dual_clip, lo=1.0, lo_open=True)
+    kl_coef = check_real("kl_coef", kl_coef, lo=0.0)
+    max_log_ratio = check_real("max_log_ratio", max_log_ratio, lo=0.0, lo_open=True)
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
-
-    lp = as_float(logp)
-    m = mask_like(mask, lp)
-    old = as_float(old_logp).detach().to(lp.dtype)
+    check_float_tensor("logp", logp)
+    check_2d("logp", logp)
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    lp, m, norm = check_aggregate_args("logp", logp, mask, loss_agg_mode, norm_length)
+    on = m > 0
+    old = _masked_input("old_logp", old_logp, lp, on)
     adv = _broadcast_advantages(advantages, lp)
-    check_finite("advantages", adv[m > 0])
+    check_finite("advantages", adv, where=on)
+    ref = None if ref_logp is None else _masked_input("ref_logp", ref_logp, lp, on)
+    ent = None if entropy is None else _masked_input("entropy", entropy, lp, on)
+    return _policy_loss(lp, old, adv, m, eps_low, eps_high, dual_clip, ratio_level, loss_agg_mode, norm, ref,
+                        kl_coef, kl_estimator, ent, max_log_ratio)
+
+
+def _policy_loss(
+    lp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    m: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: Optional[float],
+    ratio_level: str,
+    loss_agg_mode: str,
+    norm: Optional[float],
+    ref: Optional[torch.Tensor],
+    kl_coef: float,
+    kl_estimator: str,
+    entropy: Optional[torch.Tensor],
+    max_log_ratio: float,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """:func:`policy_loss` without the checks: float ``[B, T]`` tensors (``adv`` broadcast), ``m`` the float mask."""
     on = m > 0
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     # log-ratio only where the mask is on: padding may hold garbage log-probs (even inf)
@@ -125,27 +164,25 @@ def policy_loss(
 
     loss_mat = pg
     metrics: Dict[str, torch.Tensor] = {}
-    if ref_logp is not None:
-        check_same_shape(logp=logp, ref_logp=ref_logp)
-        ref = torch.where(on, as_float(ref_logp).detach().to(lp.dtype), lp.detach())
-        kl = kl_estimate(torch.where(on, lp, lp.detach()), ref, kl_estimator, max_log_ratio)
-        metrics["kl_ref"] = masked_mean(kl, m).detach()
+    if ref is not None:
+        ref = torch.where(on, ref, lp.detach())
+        kl = _ESTIMATORS[kl_estimator](torch.where(on, lp, lp.detach()), ref, max_log_ratio)
+        metrics["kl_ref"] = _masked_mean(kl, m).detach()
         if kl_coef > 0:
             loss_mat = loss_mat + kl_coef * kl
 
-    loss = aggregate(loss_mat, m, loss_agg_mode, norm_length)
+    loss = _aggregate(loss_mat, m, loss_agg_mode, norm)
     with torch.no_grad():
         r = ratio.detach()
-        metrics["pg_loss"] = aggregate(pg.detach(), m, loss_agg_mode, norm_length)
-        metrics["clip_frac_low"] = masked_mean(((r < lo) & (adv < 0)).to(lp.dtype), m)
-        metrics["clip_frac_high"] = masked_mean(((r > hi) & (adv > 0)).to(lp.dtype), m)
-        metrics["dual_clip_frac"] = masked_mean(dual_active.to(lp.dtype), m)
-        metrics["approx_kl"] = masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, m)
-        metrics["ratio_mean"] = masked_mean(r, m)
+        metrics["pg_loss"] = _aggregate(pg.detach(), m, loss_agg_mode, norm)
+        metrics["clip_frac_low"] = _masked_mean(((r < lo) & (adv < 0)).to(lp.dtype), m)
+        metrics["clip_frac_high"] = _masked_mean(((r > hi) & (adv > 0)).to(lp.dtype), m)
+        metrics["dual_clip_frac"] = _masked_mean(dual_active.to(lp.dtype), m)
+        metrics["approx_kl"] = _masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, m)
+        metrics["ratio_mean"] = _masked_mean(r, m)
         one = torch.ones((), dtype=lp.dtype, device=lp.device)
         metrics["ratio_min"] = torch.where(on, r, torch.inf).amin() if on.any() else one
         metrics["ratio_max"] = torch.where(on, r, -torch.inf).amax() if on.any() else one
         if entropy is not None:
-            check_same_shape(logp=logp, entropy=entropy)
-            metrics["entropy"] = masked_mean(as_float(entropy).detach(), m)
+            metrics["entropy"] = _masked_mean(entropy, m)
     return loss, metrics

@@ -600,9 +600,9 @@ def test_negative_eps_and_bad_gae_params():
     with pytest.raises(ValueError, match="eps"):
         grpo_advantages(torch.randn(4), 2, eps=-1e-3)
     r, v, m = _token_data(2, 3, seed=40)
-    with pytest.raises(ValueError, match="gamma and lam"):
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\], got 1.1"):
         gae_advantages(r, v, m, gamma=1.1)
-    with pytest.raises(ValueError, match="gamma and lam"):
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\], got -0.1"):
         gae_advantages(r, v, m, lam=-0.1)
     with pytest.raises(ValueError, match="shape mismatch"):
         gae_advantages(r, v[:, :2], m)
