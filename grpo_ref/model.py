@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_ids, check_int, check_mask, check_real, check_tensor
+
 # A KV cache: one (keys, values) pair per layer, each [B, n_head, T_past, head_dim].
 KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,7 +39,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # True is an int in Python
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -110,6 +112,8 @@ class TinyGPT(nn.Module):
     supports_kv_cache = True
 
     def __init__(self, cfg: GPTConfig):
+        if not isinstance(cfg, GPTConfig):
+            raise ValueError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -142,21 +146,32 @@ class TinyGPT(nn.Module):
             attention_mask: ``[B, T_past + T_new]`` 0/1, 0 on padding; None = all ones.
             position_ids: ``[B, T_new]``; None = derived from ``attention_mask`` (see the module docstring).
             past_key_values: the cache returned by a previous call with ``use_cache=True``.
+
+        Refused (``ValueError``): ``input_ids`` that are not ``[B, T_new]`` with ``B, T_new >= 1``, not integers
+        (any integer dtype is accepted) or outside ``[0, vocab_size)``; an ``attention_mask`` of another shape or
+        with values other than 0/1; ``position_ids`` outside ``[0, block_size)``.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        check_tensor("input_ids", input_ids)
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be [B, T] with B, T >= 1, got shape {tuple(input_ids.shape)}")
+        input_ids = check_ids("input_ids", input_ids, self.config.vocab_size)
         b, t_new = input_ids.shape
         t_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         t_all = t_past + t_new
         dev = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones(b, t_all, dtype=torch.long, device=dev)
+        check_tensor("attention_mask", attention_mask)
         if tuple(attention_mask.shape) != (b, t_all):
             raise ValueError(f"attention_mask must be [B, T_past + T_new] = [{b}, {t_all}], got {tuple(attention_mask.shape)}")
+        check_mask("attention_mask", attention_mask, "attention_mask", attention_mask)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)[:, t_past:]
-        if int(position_ids.max()) >= self.config.block_size:
-            raise ValueError(f"sequence longer than block_size={self.config.block_size}")
+        position_ids = check_ids("position_ids", position_ids)
+        if tuple(position_ids.shape) != (b, t_new):
+            raise ValueError(f"position_ids must be [B, T_new] = [{b}, {t_new}], got {tuple(position_ids.shape)}")
+        if int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0:
+            raise ValueError(f"position_ids must lie in [0, block_size={self.config.block_size}): sequence longer than block_size, got range [{int(position_ids.min())}, {int(position_ids.max())}]")
         # query i (absolute index t_past + i) may see key j if j <= t_past + i and key j is not padding;
         # it always sees itself, so a padding query never has an empty row (softmax of all -inf is NaN).
         q_idx = torch.arange(t_past, t_all, device=dev)[:, None]
@@ -174,7 +189,12 @@ class TinyGPT(nn.Module):
 
 
 def tiny_gpt(config: GPTConfig, seed: int = 0) -> TinyGPT:
-    """A freshly initialised :class:`TinyGPT`, seeded without touching torch's global random state."""
+    """A freshly initialised :class:`TinyGPT`, seeded without touching torch's global random state.
+
+    ``config`` must be a :class:`GPTConfig` and ``seed`` an int ``>= 0`` (``ValueError`` otherwise)."""
+    if not isinstance(config, GPTConfig):
+        raise ValueError(f"config must be a GPTConfig, got {type(config).__name__}")
+    seed = check_int("seed", seed, lo=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TinyGPT(config)
@@ -193,6 +213,9 @@ class ValueModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, hidden_size: int, init_std: float = 1e-3, seed: int = 0):
+        hidden_size = check_int("hidden_size", hidden_size, lo=1)
+        init_std = check_real("init_std", init_std, lo=0.0)
+        seed = check_int("seed", seed, lo=0)
         super().__init__()
         self.backbone = backbone
         with torch.random.fork_rng(devices=[]):

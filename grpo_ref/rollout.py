@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .logprobs import token_logprobs
+from ._checks import check_bool, check_choice, check_ids, check_int, check_mask, check_real, check_tensor
+from .logprobs import _token_logprobs
 from .masks import response_mask
 from .model import lm_logits, position_ids_from_mask
 
@@ -71,13 +72,23 @@ def generate(
             None = whenever the model supports it. Without it the whole prefix is recomputed for every new token.
     Returns:
         :class:`Generation`; finished rows are padded with ``pad_id`` and masked out after their EOS.
+
+    Refused (``ValueError`` naming the argument): ``prompt_ids`` that are not integer ``[B, P]`` with
+    ``B, P >= 1``; a ``prompt_mask`` of another shape, with values other than 0/1 or with a row of no token;
+    ``max_new_tokens``, ``eos_id``, ``pad_id`` that are not ints (bool included) in range; ``temperature``
+    NaN/inf/``<= 0``; ``greedy`` or ``use_cache`` not bools; ``generator`` not a ``torch.Generator``; logits of
+    the model that are NaN/inf (:func:`grpo_ref.logprobs.token_logprobs`' checks).
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
-        raise ValueError(f"prompt_ids and prompt_mask must be equal [B, P] shapes, got {tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_prompts(prompt_ids, prompt_mask)
+    check_int("max_new_tokens", max_new_tokens, lo=1)
+    check_int("eos_id", eos_id, lo=0)
+    check_int("pad_id", pad_id, lo=0)
+    temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
+    check_bool("greedy", greedy)
+    _check_generator(generator)
+    if use_cache is not None:
+        check_bool("use_cache", use_cache)
+    prompt_ids = prompt_ids.long()
     cached = getattr(model, "supports_kv_cache", False) if use_cache is None else use_cache
     if cached and not getattr(model, "supports_kv_cache", False):
         raise ValueError(f"{type(model).__name__} has no KV cache support; use use_cache=False")
@@ -94,9 +105,11 @@ def generate(
             past, logits = out.past_key_values, out.logits[:, -1]
         else:
             logits = lm_logits(model, ids, attn)[:, -1]
+        if not bool(torch.isfinite(logits).all()):  # [B, V] per step: the sampler needs finite probabilities
+            raise ValueError(f"the model's logits at generation step {step} contain NaN or inf")
         tok = _next_token(logits, temperature, greedy, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        logps.append(torch.where(done, 0.0, token_logprobs(logits, tok, temperature)))
+        logps.append(torch.where(done, 0.0, _token_logprobs(logits, tok, temperature, 1024)))
         tokens.append(tok)
         ids = torch.cat([ids, tok[:, None]], dim=1)
         attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
@@ -106,6 +119,25 @@ def generate(
     tokens_t = torch.stack(tokens, dim=1)
     mask = response_mask(tokens_t.shape[1], torch.zeros(b, dtype=torch.long, device=dev), tokens=tokens_t, eos_token_id=eos_id).to(dev)
     return Generation(tokens_t, torch.stack(logps, dim=1) * mask, mask, done)
+
+
+def _check_prompts(prompt_ids, prompt_mask) -> None:
+    check_tensor("prompt_ids", prompt_ids)
+    if prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
+        raise ValueError(f"prompt_ids must be [B, P] with B, P >= 1, got shape {tuple(prompt_ids.shape)}")
+    check_ids("prompt_ids", prompt_ids)
+    check_tensor("prompt_mask", prompt_mask)
+    if prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must be equal [B, P] shapes, got {tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
+    m = check_mask("prompt_mask", prompt_mask, "prompt_ids", prompt_ids)
+    empty = m.sum(-1) == 0
+    if bool(empty.any()):
+        raise ValueError(f"prompt_mask has rows with no prompt token: {empty.nonzero()[:3, 0].tolist()}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 @dataclass
@@ -193,11 +225,17 @@ def rollout(
         device: where the batch goes; default the model's device.
     Returns:
         :class:`Rollout` with ``B = n_prompts * group_size`` rows.
+
+    Refused (``ValueError``): ``group_size`` not an int ``>= 1`` (bool included), ``pairs`` not a tensor with
+    ``n_prompts >= 1`` rows, an unknown ``truncation``, a NaN/inf ``truncation_reward``, and everything
+    :func:`generate` refuses (``max_new_tokens``, ``temperature``, ...).
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"unknown truncation {truncation!r}; expected one of {TRUNCATION_MODES}")
+    check_int("group_size", group_size, lo=1)
+    check_choice("truncation", truncation, TRUNCATION_MODES)
+    truncation_reward = check_real("truncation_reward", truncation_reward)
+    _check_pairs(pairs)
+    check_int("max_new_tokens", max_new_tokens, lo=1)
+    check_real("temperature", temperature, lo=0.0, lo_open=True)
     if device is None:
         device = next(model.parameters()).device
     pairs = pairs.repeat_interleave(group_size, dim=0)
@@ -219,6 +257,12 @@ def rollout(
                    rewards.to(device), correct.to(device), truncated, group_size)
 
 
+def _check_pairs(pairs) -> None:
+    check_tensor("pairs", pairs)
+    if pairs.dim() < 1 or pairs.shape[0] == 0:
+        raise ValueError(f"pairs must hold at least one prompt ([n_prompts, ...]), got shape {tuple(pairs.shape)}")
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -230,9 +274,12 @@ def evaluate(
     """Greedy (argmax) accuracy and mean reward of ``model`` on ``pairs`` (default the task's eval split).
 
     Greedy decoding needs no random numbers, so evaluating never changes a run's random stream.
+    ``pairs`` must have at least one row and ``batch_size`` be an int ``>= 1`` (``ValueError`` otherwise).
     """
+    check_int("batch_size", batch_size, lo=1)
     if pairs is None:
         pairs = task.eval_pairs()
+    _check_pairs(pairs)
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training

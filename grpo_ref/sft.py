@@ -12,16 +12,29 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ._checks import check_int, check_mask, check_optional_real, check_real, check_same_shape
 from .logprobs import token_logprobs
 from .model import GPTConfig, TinyGPT, lm_logits, tiny_gpt
 
 
 def sft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the tokens where ``loss_mask`` is 1 (all ``[B, T]``); logits at ``t-1`` score ``t``."""
+    """Mean negative log-likelihood of the tokens where ``loss_mask`` is 1 (all ``[B, T]``); logits at ``t-1`` score ``t``.
+
+    Refused: unequal shapes, a ``loss_mask`` with values other than 0/1, non-finite logits."""
+    check_same_shape(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+    check_mask("loss_mask", loss_mask, "input_ids", input_ids.float())
     logits = lm_logits(model, input_ids, attention_mask)[:, :-1]
     logp = token_logprobs(logits, input_ids[:, 1:])
     m = loss_mask[:, 1:].to(logp.dtype)
     return -(logp * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _check_sft_args(*, steps, batch_size, lr, seed, target_accuracy) -> None:
+    check_int("steps", steps, lo=0)
+    check_int("batch_size", batch_size, lo=1)
+    check_real("lr", lr, lo=0.0, lo_open=True)
+    check_int("seed", seed, lo=0)
+    check_optional_real("target_accuracy", target_accuracy, lo=0.0, hi=1.0, lo_open=True)
 
 
 def supervised_warm_start(
@@ -48,13 +61,17 @@ def supervised_warm_start(
     climb depending on the seed, a target lands on the same accuracy every time.
 
     Returns the history: ``{"step", "loss"}`` per step, plus ``"check_accuracy"`` on the steps that checked.
+
+    Refused (``ValueError`` naming the argument): ``steps``, ``batch_size``, ``seed``, ``check_every``,
+    ``check_size`` that are not ints in range (bool included); ``lr`` NaN/inf/``<= 0``; ``weight_decay``
+    NaN/inf/negative; ``target_accuracy`` outside ``(0, 1]`` or NaN.
     """
     from .rollout import evaluate
 
-    if steps < 0 or batch_size < 1 or lr <= 0 or check_every < 1:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, check_every >= 1; got {steps}, {batch_size}, {lr}, {check_every}")
-    if target_accuracy is not None and not 0 < target_accuracy <= 1:
-        raise ValueError(f"target_accuracy must lie in (0, 1], got {target_accuracy}")
+    _check_sft_args(steps=steps, batch_size=batch_size, lr=lr, seed=seed, target_accuracy=target_accuracy)
+    check_real("weight_decay", weight_decay, lo=0.0)
+    check_int("check_every", check_every, lo=1)
+    check_int("check_size", check_size, lo=1)
     if device is None:
         device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +115,11 @@ def warm_start_policy(
     With the defaults and ``AdditionTask(n_digits=2)``: a few hundred steps, 10-20 s on one CPU core, and a
     policy right on about 20% of the eval prompts: it has the format and part of the arithmetic. Stopping on
     the SFT plateau instead (~10%, before it has found how digits line up) leaves RL almost no signal.
+
+    Every argument is validated before anything is built (``ValueError`` naming it; see :func:`supervised_warm_start`
+    and :class:`~grpo_ref.model.GPTConfig`).
     """
+    _check_sft_args(steps=steps, batch_size=batch_size, lr=lr, seed=seed, target_accuracy=target_accuracy)
     cfg = GPTConfig(vocab_size=task.vocab_size, block_size=task.max_prompt_len + task.max_new_tokens,
                     n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     model = tiny_gpt(cfg, seed)

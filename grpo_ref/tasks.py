@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_bool, check_dim, check_ids, check_int, check_real, check_tensor
+
 
 class CharTokenizer:
     """Character-level tokenizer: ids 0, 1, 2 are ``pad``, ``bos``, ``eos``; then one id per character."""
@@ -24,6 +26,8 @@ class CharTokenizer:
     pad_id, bos_id, eos_id = 0, 1, 2
 
     def __init__(self, chars: str = "0123456789+="):
+        if not isinstance(chars, str) or not chars:
+            raise ValueError(f"chars must be a non-empty str, got {chars!r}")
         if len(set(chars)) != len(chars):
             raise ValueError(f"characters must be distinct, got {chars!r}")
         self.chars = chars
@@ -35,6 +39,8 @@ class CharTokenizer:
         return len(self.chars) + 3
 
     def encode(self, text: str) -> List[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
         bad = sorted(set(text) - set(self.stoi))
         if bad:
             raise ValueError(f"characters {bad} are not in the vocabulary {self.chars!r}")
@@ -55,7 +61,9 @@ def parse_answer(text: str, max_digits: int) -> Optional[int]:
     """The integer written in ``text`` if it is a canonical decimal of at most ``max_digits`` digits, else None.
 
     Whitelist, never ``eval``: ``0`` or ``[1-9][0-9]*``, nothing else (no sign, spaces, operators, exponents).
+    A ``text`` that is not a str is not an answer (None); ``max_digits`` must be an int ``>= 1`` (``ValueError``).
     """
+    check_int("max_digits", max_digits, lo=1)
     if not isinstance(text, str) or len(text) > max_digits:
         return None
     if re.fullmatch(r"0|[1-9][0-9]*", text) is None:
@@ -79,13 +87,13 @@ class AdditionTask:
     zero_pad: bool = True  # operands written with n_digits digits ("07+35="): digits line up, learning is faster
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_digits, int) or not 1 <= self.n_digits <= 6:
-            raise ValueError(f"n_digits must be an int in [1, 6], got {self.n_digits!r}")
+        check_int("n_digits", self.n_digits, lo=1, hi=6)
         n_pairs = self.base**2
-        if not isinstance(self.eval_size, int) or not 0 < self.eval_size <= n_pairs // 2:
+        if not isinstance(self.eval_size, int) or isinstance(self.eval_size, bool) or not 0 < self.eval_size <= n_pairs // 2:
             raise ValueError(f"eval_size must be in [1, {n_pairs // 2}] (half of the {n_pairs} pairs), got {self.eval_size!r}")
-        if self.format_reward < 0:
-            raise ValueError(f"format_reward must be >= 0, got {self.format_reward}")
+        check_real("format_reward", self.format_reward, lo=0.0)
+        check_int("seed", self.seed, lo=0)
+        check_bool("zero_pad", self.zero_pad)
         self.tokenizer = CharTokenizer("0123456789+=")
         g = torch.Generator().manual_seed(self.seed)
         if n_pairs <= 1 << 22:
@@ -123,9 +131,11 @@ class AdditionTask:
 
     # -- prompts ---------------------------------------------------------------------------------------------------
     def sample_train(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``[n, 2]`` int64 operand pairs from the training split (never an eval pair), drawn with ``generator``."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        """``[n, 2]`` int64 operand pairs from the training split (never an eval pair), drawn with ``generator``
+        (a ``torch.Generator``); ``n`` an int ``>= 1``."""
+        check_int("n", n, lo=1)
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         idx = torch.randint(0, self.base**2, (n,), generator=generator)
         while True:
             clash = torch.isin(idx, self._eval_idx)
@@ -138,17 +148,34 @@ class AdditionTask:
         """``[eval_size, 2]`` the fixed eval split."""
         return torch.stack([self._eval_idx // self.base, self._eval_idx % self.base], dim=-1)
 
+    def check_pairs(self, pairs, name: str = "pairs") -> torch.Tensor:
+        """``pairs: [N, 2]`` integer operands in ``[0, 10**n_digits)`` with ``N >= 1``, returned as int64."""
+        check_tensor(name, pairs)
+        check_dim(name, pairs, 2, "[N, 2]")
+        if pairs.shape[0] == 0 or pairs.shape[1] != 2:
+            raise ValueError(f"{name} must be [N, 2] with N >= 1, got shape {tuple(pairs.shape)}")
+        pairs = check_ids(name, pairs)
+        if int(pairs.min()) < 0 or int(pairs.max()) >= self.base:
+            raise ValueError(f"{name} must hold operands in [0, {self.base}), got range [{int(pairs.min())}, {int(pairs.max())}]")
+        return pairs
+
     def is_eval_pair(self, pairs: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: which pairs belong to the eval split."""
+        pairs = self.check_pairs(pairs)
         return torch.isin(pairs[:, 0] * self.base + pairs[:, 1], self._eval_idx)
 
     def prompt_text(self, a: int, b: int) -> str:
+        """``"a+b="`` (operands zero-padded to ``n_digits`` if ``zero_pad``); ints in ``[0, 10**n_digits)``."""
+        check_int("a", a, lo=0, hi=self.base - 1)
+        check_int("b", b, lo=0, hi=self.base - 1)
         if self.zero_pad:
             return f"{a:0{self.n_digits}d}+{b:0{self.n_digits}d}="
         return f"{a}+{b}="
 
     def encode_prompts(self, pairs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompts: ``(input_ids [N, P], attention_mask [N, P])``, each row ``BOS a + b =``."""
+        """Left-padded prompts: ``(input_ids [N, P], attention_mask [N, P])``, each row ``BOS a + b =``.
+        ``pairs`` as :meth:`check_pairs` (``ValueError`` otherwise)."""
+        pairs = self.check_pairs(pairs)
         rows = [[self.tokenizer.bos_id] + self.tokenizer.encode(self.prompt_text(int(a), int(b))) for a, b in pairs.tolist()]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
@@ -159,7 +186,9 @@ class AdditionTask:
         return ids, mask
 
     def answer_ids(self, a: int, b: int) -> List[int]:
-        """The target response: digits of ``a + b`` followed by EOS."""
+        """The target response: digits of ``a + b`` followed by EOS (``a, b`` ints in ``[0, 10**n_digits)``)."""
+        check_int("a", a, lo=0, hi=self.base - 1)
+        check_int("b", b, lo=0, hi=self.base - 1)
         return self.tokenizer.encode(str(a + b)) + [self.tokenizer.eos_id]
 
     # -- reward ----------------------------------------------------------------------------------------------------
@@ -173,6 +202,10 @@ class AdditionTask:
             ``(rewards [N] float32, correct [N] bool)``: ``1 + format_reward`` if right, ``format_reward`` if a
             well-formed number ended by EOS but wrong, 0 otherwise (no EOS, a special or non-digit token inside).
         """
+        pairs = self.check_pairs(pairs)
+        check_tensor("responses", responses)
+        check_dim("responses", responses, 2, "[N, L]")
+        responses = check_ids("responses", responses, self.vocab_size)
         if pairs.shape[0] != responses.shape[0]:
             raise ValueError(f"pairs has {pairs.shape[0]} rows but responses has {responses.shape[0]}")
         tok = self.tokenizer
@@ -197,8 +230,9 @@ class AdditionTask:
 
         Returns ``(input_ids [N, T], attention_mask [N, T], loss_mask [N, T])``: prompts left-padded, answers
         right-padded; ``loss_mask[i, t] = 1`` where ``input_ids[i, t]`` is an answer token (EOS included), so the
-        logits at ``t - 1`` are trained to predict it.
+        logits at ``t - 1`` are trained to predict it. ``pairs`` as :meth:`check_pairs`.
         """
+        pairs = self.check_pairs(pairs)
         prompts, pmask = self.encode_prompts(pairs)
         answers = [self.answer_ids(a, b) for a, b in pairs.tolist()]
         width = max(len(r) for r in answers)
