@@ -4,6 +4,9 @@
   when no GPU is visible (a test module may define its own ``device`` fixture; the local one wins).
 * ``random_mask`` / ``prompt_response_mask``: seeded random response masks with random lengths, right-padded,
   some rows empty, so masked code is tested on ragged batches and not only on full ones.
+* a hypothesis profile for every test: no per-example deadline and no "too slow" health check (a busy or slow
+  machine must not fail a property that holds), no example database (nothing written beside the tests), and the
+  reproduction blob printed with a failure.
 """
 from __future__ import annotations
 
@@ -11,6 +14,12 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "grpo-book", deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None, print_blob=True
+)
+settings.load_profile("grpo-book")
 
 _CUDA = torch.cuda.is_available()
 
