@@ -352,15 +352,16 @@ class Trainer:
 
     # -- all-or-nothing --------------------------------------------------------------------------------------------
     def _snapshot(self, with_reference: bool = False) -> Dict[str, Any]:
-        """Copies of everything a step (or a load) changes, to undo it: model tensors and optimizer states cloned
-        on their device, generator states, step count and history."""
+        """Copies of everything a step (or a load) changes, to undo it: parameters, buffers and optimizer states
+        cloned on their device, generator states, step count and history."""
         def clone(model):
-            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+            tensors = [*model.parameters(), *model.buffers()]
+            return tensors, [t.detach().clone() for t in tensors]
 
         snap: Dict[str, Any] = {
             "models": {label: clone(m) for label, m in self._models()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "critic_optimizer": copy.deepcopy(self.critic_optimizer.state_dict()) if self.critic_optimizer else None,
+            "optimizer": _copy_optimizer_state(self.optimizer),
+            "critic_optimizer": _copy_optimizer_state(self.critic_optimizer) if self.critic_optimizer else None,
             "rng": (self.prompt_generator.get_state(), self.sample_generator.get_state(), torch.get_rng_state()),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step_count": self.step_count,
@@ -372,8 +373,10 @@ class Trainer:
 
     def _restore(self, snap: Dict[str, Any]) -> None:
         """Put back what :meth:`_snapshot` copied (in place: parameters keep their identity)."""
-        for label, state in snap["models"].items():
-            getattr(self, label).load_state_dict(state)
+        with torch.no_grad():
+            for tensors, saved in snap["models"].values():
+                for t, s in zip(tensors, saved):
+                    t.copy_(s)
         self.optimizer.load_state_dict(snap["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic_optimizer is not None:
@@ -623,11 +626,13 @@ class Trainer:
         missing = sorted({"step", "config", "policy", "reference", "critic", "optimizer", "critic_optimizer", "rng", "history"} - set(state))
         if missing:
             raise ValueError(f"checkpoint lacks {missing}")
-        mine = self.config.to_dict()
-        if state["config"] != mine:
-            diff = sorted(k for k in set(state["config"]) | set(mine) if state["config"].get(k) != mine.get(k))
+        # ``steps`` (the run's length) may differ: it changes no number of the steps already taken
+        mine = {k: v for k, v in self.config.to_dict().items() if k != "steps"}
+        theirs = {k: v for k, v in state["config"].items() if k != "steps"} if isinstance(state["config"], dict) else {}
+        if theirs != mine:
+            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
             raise ValueError(f"checkpoint was written with a different TrainConfig (fields {diff}: "
-                             + ", ".join(f"{k}={state['config'].get(k)!r} there, {mine.get(k)!r} here" for k in diff[:3]) + ")")
+                             + ", ".join(f"{k}={theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:3]) + ")")
         task = self.task.to_dict() if hasattr(self.task, "to_dict") else None
         if state.get("task") is not None and task is not None and state["task"] != task:
             diff = sorted(k for k in set(state["task"]) | set(task) if state["task"].get(k) != task.get(k))
@@ -705,6 +710,16 @@ class Trainer:
         trainer = cls(policy, task, config)
         trainer.load_state_dict(state)
         return trainer
+
+
+def _copy_optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """``optimizer.state_dict()`` with its tensors cloned (it returns references), for ``load_state_dict``."""
+    sd = optimizer.state_dict()
+    return {
+        "state": {k: {n: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for n, v in st.items()}
+                  for k, st in sd["state"].items()},
+        "param_groups": copy.deepcopy(sd["param_groups"]),
+    }
 
 
 def _qualname(obj: Any) -> str:
