@@ -58,6 +58,15 @@ def series(run: Run, key: str, x: str = "step") -> Tuple[List[float], List[float
     return xs, ys
 
 
+def available_metrics(runs: Dict[str, Run]) -> List[str]:
+    """The metrics :func:`series` can draw from ``runs`` (numeric keys, ``clip_frac`` if its parts are there)."""
+    keys = {k for run in runs.values() for rec in run for k, v in rec.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    if "clip_frac_low" in keys:
+        keys.add("clip_frac")
+    return sorted(keys)
+
+
 def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequence[Tuple[str, str]] = DEFAULT_PANELS):
     """A grid of the ``panels`` metrics against the training step (metrics the run lacks are skipped).
     Saves to ``path`` if given; returns the matplotlib figure."""
@@ -85,9 +94,14 @@ def compare_runs(
     runs: Dict[str, Run], metric: str = "eval_accuracy", x: str = "step", path: Optional[str] = None, title: str = ""
 ):
     """One line per run (``{label: run}``) of ``metric`` against ``x`` (``"step"`` or ``"samples"``).
-    Saves to ``path`` if given; returns the figure."""
+    Saves to ``path`` if given; returns the figure. ``ValueError`` (listing the available metrics) if no run
+    has ``metric``."""
     if not runs:
         raise ValueError("no runs to compare")
+    if x not in ("step", "samples"):
+        raise ValueError(f"x must be 'step' or 'samples', got {x!r}")
+    if not any(series(run, metric, x)[0] for run in runs.values()):
+        raise ValueError(f"no run has the metric {metric!r}; available: {', '.join(available_metrics(runs)) or 'none'}")
     plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, run in runs.items():

@@ -1,7 +1,7 @@
 """The plotting helpers: what ``series`` extracts, and that the figures draw exactly those points."""
 import pytest
 
-from grpo_ref.plotting import compare_runs, plot_run, series
+from grpo_ref.plotting import available_metrics, compare_runs, plot_run, series
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -64,3 +64,11 @@ def test_plot_errors():
         plot_run([{"step": 1, "unknown": 1.0}])
     with pytest.raises(ValueError, match="no runs"):
         compare_runs({})
+
+
+def test_compare_runs_refuses_a_metric_no_run_has_and_lists_the_available_ones():
+    assert available_metrics({"a": RUN}) == ["clip_frac", "clip_frac_high", "clip_frac_low", "eval_accuracy", "reward_mean", "samples"]
+    with pytest.raises(ValueError, match=r"no run has the metric 'nosuch'; available: clip_frac, .*reward_mean"):
+        compare_runs({"a": RUN}, metric="nosuch")
+    with pytest.raises(ValueError, match="x must be"):
+        compare_runs({"a": RUN}, x="time")
