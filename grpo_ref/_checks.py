@@ -96,9 +96,12 @@ def check_bool(name: str, x) -> bool:
     return x
 
 
-def check_choice(name: str, value, choices: Collection) -> None:
+def check_choice(name: str, value, choices: Collection, what: Optional[str] = None) -> None:
+    """``value`` must be one of ``choices``; ``what`` describes it when ``name`` (the argument) is terse."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
+        label = name if what is None else f"{what}"
+        of = "" if what is None else f" for {name}"
+        raise ValueError(f"unknown {label} {value!r}{of}; expected one of {sorted(choices)}")
 
 
 def check_group_size(batch: int, group_size, min_size: int = 1, name: str = "group_size", batch_name: str = "the batch") -> int:
@@ -169,6 +172,14 @@ def check_finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = Non
     if not bool(ok.all()):
         scope = " at masked-in positions" if where is not None else ""
         raise NonFiniteInputError(name, f"{name} contains NaN or inf{scope} ({_first_bad(~ok, x)})")
+
+
+def check_scalar_result(name: str, x: torch.Tensor, hint: str) -> torch.Tensor:
+    """A scalar result that overflowed from finite but extreme inputs (e.g. ``kl_coef = 1e308``) is refused;
+    ``hint`` names the arguments that scale it. One scalar read: negligible."""
+    if not bool(torch.isfinite(x)):
+        raise NonFiniteInputError(name, f"{name} overflowed to {x.item()}: {hint}")
+    return x
 
 
 def check_mask(name: str, mask, like_name: str, like: torch.Tensor) -> torch.Tensor:

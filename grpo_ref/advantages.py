@@ -85,9 +85,11 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
         ``[B]`` advantages (empty for ``B = 0``). Refused: NaN/inf or complex rewards, rewards that are not
         ``[B]``, a ``group_size`` that is not an int ``>= 2`` dividing ``B`` (bool included), ``eps`` NaN/inf/negative.
     """
-    check_choice("advantage scale", scale, ADV_SCALES)
+    check_choice("scale", scale, ADV_SCALES, what="advantage scale")
     eps = check_real("eps", eps, lo=0.0)
     g = _check_rewards(rewards, group_size)
+    if g.numel() == 0:  # B = 0: no completion
+        return g.reshape(-1)
     centred = _centred(g)
     if scale == "group":
         centred = centred / (g.std(-1, keepdim=True) + eps)

@@ -347,5 +347,5 @@ def get_preset(name: str, **overrides) -> AlgoConfig:
     """The named preset (``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``rloo``, ``reinforce_pp``, ``ppo``), with overrides.
 
     An unknown name or field, or a bad field value, is a ``ValueError`` naming it (see :class:`AlgoConfig`)."""
-    check_choice("algorithm", name, PRESETS)
+    check_choice("name", name, PRESETS, what="algorithm")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -100,7 +100,7 @@ def kl_estimate(
     """Dispatch to ``kl_k1`` / ``kl_k2`` / ``kl_k3`` by name (verl: ``kl``/``mse``/``low_var_kl``).
 
     Shapes: ``logp, ref_logp: [B, T]`` -> ``[B, T]``. {refused}"""
-    check_choice("KL estimator", estimator, KL_ESTIMATORS)
+    check_choice("estimator", estimator, KL_ESTIMATORS, what="KL estimator")
     return _ESTIMATORS[estimator](logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 

@@ -93,7 +93,7 @@ def kl_in_reward(
     check_float_tensor("logp", logp)
     check_2d("logp", logp)
     check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
-    check_choice("KL estimator", estimator, KL_ESTIMATORS)
+    check_choice("estimator", estimator, KL_ESTIMATORS, what="KL estimator")
     kl_coef = check_real("kl_coef", kl_coef, lo=0.0)
     check_tensor("scores", scores)
     if scores.dim() != 1 or scores.shape[0] != logp.shape[0]:

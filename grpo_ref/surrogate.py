@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_choice, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_2d
+from ._checks import as_float, check_choice, check_scalar_result, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_2d
 from .aggregation import _aggregate, check_aggregate_args
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean
@@ -86,7 +86,8 @@ def policy_loss(
     mask with values other than 0/1, NaN/inf in ``logp``, ``old_logp``, ``advantages``, ``ref_logp`` or
     ``entropy`` at masked-in positions, and every hyperparameter outside the ranges above (NaN and inf included).
     Masked-out (padding) positions may hold anything, NaN and inf included: they reach neither the loss nor its
-    gradient. ``B = 0`` or ``T = 0`` (no token) gives a loss of 0.
+    gradient. ``B = 0`` or ``T = 0`` (no token) gives a loss of 0. A loss that overflows from finite but extreme
+    inputs (``kl_coef = 1e308``, advantages of ``1e38``) is refused rather than returned as inf.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a float32/64 scalar; ``metrics`` detached scalars: ``pg_loss``,
@@ -96,7 +97,7 @@ def policy_loss(
         estimate, when ``ref_logp`` is given), ``entropy`` (when given). All means are over masked-in tokens.
     """
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS, what="KL estimator")
     eps_low = check_real("eps_low", eps_low, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     eps_high = eps_low if eps_high is None else check_real("eps_high", eps_high, lo=0.0, lo_open=True)
     dual_clip = check_optional_real("dual_clip", dual_clip, lo=1.0, lo_open=True)
@@ -114,8 +115,11 @@ def policy_loss(
     check_finite("advantages", adv, where=on)
     ref = None if ref_logp is None else _masked_input("ref_logp", ref_logp, lp, on)
     ent = None if entropy is None else _masked_input("entropy", entropy, lp, on)
-    return _policy_loss(lp, old, adv, m, eps_low, eps_high, dual_clip, ratio_level, loss_agg_mode, norm, ref,
-                        kl_coef, kl_estimator, ent, max_log_ratio)
+    loss, metrics = _policy_loss(lp, old, adv, m, eps_low, eps_high, dual_clip, ratio_level, loss_agg_mode, norm, ref,
+                                 kl_coef, kl_estimator, ent, max_log_ratio)
+    check_scalar_result("the policy loss", loss.detach(), f"finite but extreme inputs: kl_coef={kl_coef}, dual_clip={dual_clip}, "
+                        f"max |advantages| = {float(adv.abs().amax()) if adv.numel() else 0.0}, max_log_ratio={max_log_ratio}")
+    return loss, metrics
 
 
 def _policy_loss(
