@@ -165,13 +165,28 @@ def _first_bad(bad: torch.Tensor, x: torch.Tensor) -> str:
 
 
 def check_finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
-    """Raise :class:`NonFiniteInputError` if ``x`` holds NaN/inf (only where ``where`` is True, if given)."""
-    ok = torch.isfinite(x)
+    """Raise :class:`NonFiniteInputError` if ``x`` holds NaN/inf (only where the 0/1 or bool mask ``where`` is on).
+
+    Fast path, one reduction: ``sum(x)`` (or ``dot(x, where)``) is finite unless ``x`` holds a NaN/inf where it
+    counts, because NaN and inf propagate through sums (``inf + -inf`` is NaN). It can also be non-finite for
+    legal inputs (an overflowing sum of huge values, or NaN under the mask's 0s, as ``NaN * 0`` is NaN); only
+    then is the exact elementwise test run, so the fast path never accepts a bad input nor refuses a good one."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    v = x.detach()
+    if v.dtype in (torch.float32, torch.float64):
+        if where is None:
+            total = v.sum()
+        else:
+            total = torch.dot(v.reshape(-1), where.detach().reshape(-1).to(v.dtype))
+        if bool(torch.isfinite(total)):
+            return
+    ok = torch.isfinite(v)
     if where is not None:
-        ok = ok | ~where
+        ok = ok | ~(where > 0)
     if not bool(ok.all()):
         scope = " at masked-in positions" if where is not None else ""
-        raise NonFiniteInputError(name, f"{name} contains NaN or inf{scope} ({_first_bad(~ok, x)})")
+        raise NonFiniteInputError(name, f"{name} contains NaN or inf{scope} ({_first_bad(~ok, v)})")
 
 
 def check_scalar_result(name: str, x: torch.Tensor, hint: str) -> torch.Tensor:
@@ -189,11 +204,26 @@ def check_mask(name: str, mask, like_name: str, like: torch.Tensor) -> torch.Ten
     refused: a mask of 2s would double every sum)."""
     check_tensor(name, mask)
     check_same_shape(**{like_name: like, name: mask})
-    if mask.dtype != torch.bool:
-        ok = (mask == 0) | (mask == 1)
-        if not bool(ok.all()):
+    if mask.dtype != torch.bool and mask.numel():
+        if not _is_binary(mask):
+            ok = (mask == 0) | (mask == 1)
             raise ValueError(f"{name} must hold only 0 and 1 ({_first_bad(~ok, mask)})")
     return mask.to(like.dtype)
+
+
+def _is_binary(mask: torch.Tensor) -> bool:
+    """All values 0 or 1, in three light passes: ``0 <= min, max <= 1`` (NaN fails both), and, for floats,
+    ``sum m (1 - m) == 0``; each term is ``>= 0`` on ``[0, 1]`` and ``> 0`` off ``{0, 1}`` without underflow
+    (one factor is ``>= 1/2``), so the sum is 0 exactly when every value is 0 or 1."""
+    lo, hi = torch.aminmax(mask)
+    if not (bool(lo >= 0) and bool(hi <= 1)):
+        return False
+    if not mask.is_floating_point():
+        return True
+    flat = mask.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return bool(torch.dot(flat, 1 - flat) == 0)
 
 
 def check_ids(name: str, ids, vocab_size: Optional[int] = None) -> torch.Tensor:

@@ -50,7 +50,7 @@ def _check_token_rewards(token_rewards, mask, gamma) -> tuple:
     check_2d("token_rewards", token_rewards)
     r = as_float(token_rewards)
     m = check_mask("mask", mask, "token_rewards", r)
-    check_finite("token_rewards", r, where=m > 0)
+    check_finite("token_rewards", r, where=m)
     return _zero_out(r, m), m, check_real("gamma", gamma, lo=0.0, hi=1.0)
 
 
@@ -177,7 +177,7 @@ def gae_advantages(
     r, m, gamma = _check_token_rewards(token_rewards, mask, gamma)
     lam = check_real("lam", lam, lo=0.0, hi=1.0)
     v = as_float(values).detach().to(r.dtype)
-    check_finite("values", v, where=m > 0)
+    check_finite("values", v, where=m)
     return _gae(r, _zero_out(v, m), m, gamma, lam)
 
 
@@ -227,7 +227,7 @@ def process_advantages(
         raise ValueError(f"mask has {mask.shape[0]} rows but step_rewards has {step_rewards.shape[0]}")
     r = as_float(step_rewards)
     sm = check_mask("step_mask", step_mask, "step_rewards", r)
-    check_finite("step_rewards", r, where=sm > 0)
+    check_finite("step_rewards", r, where=sm)
     r = _zero_out(r, sm)
     tm = check_mask("mask", mask, "mask", as_float(mask))
     b, s = r.shape

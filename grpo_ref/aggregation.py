@@ -37,7 +37,7 @@ def check_aggregate_args(
     check_2d(name, loss_mat)
     values = as_float(loss_mat)
     m = check_mask("mask", mask, name, values)
-    check_finite(name, values, where=m > 0)
+    check_finite(name, values, where=m)
     norm = check_optional_real("norm_length", norm_length, lo=0.0, lo_open=True)
     if loss_agg_mode == "seq-mean-token-sum-norm" and norm is None:
         norm = float(max(m.shape[-1], 1))  # T; with T = 0 there is no token and every sum is 0 anyway

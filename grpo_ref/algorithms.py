@@ -55,11 +55,11 @@ from ._checks import (
     check_tensor,
 )
 from .advantages import ADV_SCALES, gae_advantages, grpo_advantages, overlong_penalty, reinforce_pp_advantages, rloo_advantages
-from .aggregation import LOSS_AGG_MODES
+from .aggregation import LOSS_AGG_MODES, _aggregate
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_sum, _masked_whiten
 from .surrogate import RATIO_LEVELS, policy_loss
-from .ppo import entropy_bonus, value_loss
+from .ppo import value_loss
 
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
@@ -178,7 +178,10 @@ def _policy_part(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[s
     if cfg.ent_coef > 0:
         if inp.entropy is None:
             raise ValueError("ent_coef > 0 needs LossInputs.entropy")
-        loss = loss - cfg.ent_coef * entropy_bonus(inp.entropy, inp.mask, cfg.loss_agg_mode)
+        # policy_loss has validated entropy and mask (shapes, 0/1, finite where masked in): aggregate directly,
+        # with entropy_bonus's norm (T)
+        norm = float(max(inp.mask.shape[-1], 1)) if cfg.loss_agg_mode == "seq-mean-token-sum-norm" else None
+        loss = loss - cfg.ent_coef * _aggregate(as_float(inp.entropy), as_float(inp.mask), cfg.loss_agg_mode, norm)
     return loss, metrics
 
 
@@ -276,7 +279,7 @@ def compute_advantages(
             check_float_tensor(name, x)
             check_same_shape(mask=mask, **{name: x})
             if name == "values" or kl_reward:
-                check_finite(name, x, where=on)
+                check_finite(name, x, where=m)
     if cfg.overlong_buffer is not None:
         scores = scores + overlong_penalty(m.sum(-1), cfg.max_response_length, cfg.overlong_buffer).to(scores)
     beta = cfg.kl_coef if kl_reward else 0.0

@@ -79,7 +79,7 @@ def check_masked(values, mask, values_name: str = "values", mask_name: str = "ma
     check_tensor(values_name, values)
     v = as_float(values)
     m = check_mask(mask_name, mask, values_name, v)
-    check_finite(values_name, v, where=m > 0)
+    check_finite(values_name, v, where=m)
     return v, m
 
 

@@ -33,12 +33,11 @@ def value_loss(
     check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     clip_range = check_optional_real("clip_range", clip_range, lo=0.0, lo_open=True)
     v, m, norm = check_aggregate_args("values", values, mask, loss_agg_mode, None)
-    on = m > 0
     consts = []
     for name, x in (("old_values", old_values), ("returns", returns)):
         check_float_tensor(name, x)
         x = as_float(x).detach().to(v.dtype)
-        check_finite(name, x, where=on)
+        check_finite(name, x, where=m)
         consts.append(x)
     return _value_loss(v, consts[0], consts[1], m, clip_range, loss_agg_mode, norm)
 
@@ -101,11 +100,10 @@ def kl_in_reward(
     check_finite("scores", scores)
     lp = as_float(logp).detach()
     m = check_mask("mask", mask, "logp", lp)
-    on = m > 0
-    check_finite("logp", lp, where=on)
+    check_finite("logp", lp, where=m)
     check_float_tensor("ref_logp", ref_logp)
     ref = as_float(ref_logp).detach().to(lp.dtype)
-    check_finite("ref_logp", ref, where=on)
+    check_finite("ref_logp", ref, where=m)
     return _kl_in_reward(as_float(scores).detach().to(lp.dtype), lp, ref, m, kl_coef, estimator)
 
 

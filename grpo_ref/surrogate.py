@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_choice, check_scalar_result, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_2d
+from ._checks import as_float, check_choice, check_scalar_result, check_finite, check_float_tensor, check_optional_real, check_real, check_same_shape, check_2d
 from .aggregation import _aggregate, check_aggregate_args
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean
@@ -37,12 +37,12 @@ def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch
     return a
 
 
-def _masked_input(name: str, x, like: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+def _masked_input(name: str, x, like: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """A ``[B, T]`` constant input (``old_logp``, ``ref_logp``, ``entropy``): real, shaped like ``logp``, finite
     where the mask is 1; returned detached in ``logp``'s float dtype."""
     check_float_tensor(name, x)
     check_same_shape(logp=like, **{name: x})
-    check_finite(name, x, where=on)
+    check_finite(name, x, where=m)
     return as_float(x).detach().to(like.dtype)
 
 
@@ -109,16 +109,19 @@ def policy_loss(
     check_2d("logp", logp)
     check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     lp, m, norm = check_aggregate_args("logp", logp, mask, loss_agg_mode, norm_length)
-    on = m > 0
-    old = _masked_input("old_logp", old_logp, lp, on)
+    old = _masked_input("old_logp", old_logp, lp, m)
     adv = _broadcast_advantages(advantages, lp)
-    check_finite("advantages", adv, where=on)
-    ref = None if ref_logp is None else _masked_input("ref_logp", ref_logp, lp, on)
-    ent = None if entropy is None else _masked_input("entropy", entropy, lp, on)
+    if advantages.dim() == 1:  # [B]: finite for every sequence with a token
+        check_finite("advantages", advantages, where=m.amax(-1) if m.shape[-1] else torch.zeros_like(advantages))
+    else:
+        check_finite("advantages", adv, where=m)
+    ref = None if ref_logp is None else _masked_input("ref_logp", ref_logp, lp, m)
+    ent = None if entropy is None else _masked_input("entropy", entropy, lp, m)
     loss, metrics = _policy_loss(lp, old, adv, m, eps_low, eps_high, dual_clip, ratio_level, loss_agg_mode, norm, ref,
                                  kl_coef, kl_estimator, ent, max_log_ratio)
-    check_scalar_result("the policy loss", loss.detach(), f"finite but extreme inputs: kl_coef={kl_coef}, dual_clip={dual_clip}, "
-                        f"max |advantages| = {float(adv.abs().amax()) if adv.numel() else 0.0}, max_log_ratio={max_log_ratio}")
+    if not bool(torch.isfinite(loss.detach())):  # one scalar; the message is only built on failure
+        check_scalar_result("the policy loss", loss.detach(), f"finite but extreme inputs: kl_coef={kl_coef}, dual_clip={dual_clip}, "
+                            f"max |advantages| = {float(adv.abs().amax())}, max_log_ratio={max_log_ratio}")
     return loss, metrics
 
 

@@ -306,7 +306,6 @@ def _process(**over):
     return lambda: G.process_advantages(**d)
 
 
-_sr = _process.__defaults__  # noqa: F841 - (keeps flake8 quiet about the closure)
 for bad, word in ((NAN, "nan"), (INF, "inf")):
     refuse("nonfinite", "process_advantages", f"step_rewards={bad}",
            _process(step_rewards=torch.tensor([[bad, 1.0], [0.0, 0.3], [1.0, 0.2], [0.1, 0.0]])), "step_rewards", word)
