@@ -5,8 +5,12 @@ Conventions:
 
 * scalar checks are written so that NaN fails them (``not lo <= x``, ``math.isfinite``), and ``bool`` never
   passes where a number is meant (``isinstance(True, int)`` is True in Python);
-* tensor value checks cost one fused pass (``torch.isfinite(x).all()``, or ``(isfinite(x) | ~on).all()`` with a
-  mask); the offending indices are only looked up once a check has failed;
+* tensor value checks cost one reduction per tensor (``sum(x)`` or ``dot(x, mask)`` must be finite; only when
+  it is not does the exact elementwise test run, so an input is never wrongly accepted or refused), and a mask
+  check three light passes; the offending indices are only looked up once a check has failed
+  (``benchmarks/check_overhead.py`` measures the cost);
+* masked functions refuse NaN/inf only where the mask is 1: padding may hold anything, it never reaches a
+  result or a gradient;
 * a value that is not finite raises :class:`NonFiniteInputError`, a ``ValueError`` that also carries the argument
   name, so a training loop can tell a corrupt input from a programming error.
 """
@@ -238,8 +242,3 @@ def check_ids(name: str, ids, vocab_size: Optional[int] = None) -> torch.Tensor:
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
     return ids
-
-
-def mask_like(mask: torch.Tensor, ref: torch.Tensor, name: str = "mask", like_name: str = "values") -> torch.Tensor:
-    """:func:`check_mask` with the argument order of the first version (kept for internal callers)."""
-    return check_mask(name, mask, like_name, ref)
