@@ -12,7 +12,7 @@ refuses an ``OUT`` that already holds a run unless ``--resume`` or ``--overwrite
 Failures print one line ``error: ...`` on stderr and exit with 2 for bad input (arguments, as argparse does;
 missing files or folders; settings that conflict with the checkpoint) and 1 when the run itself fails (a
 non-finite step, a corrupt checkpoint or metrics file, a full or read-only disk); ``--debug`` shows the traceback.
-An interrupted command exits with 130.
+An interrupted ``train`` (Ctrl-C) saves the last whole step to ``checkpoint.pt`` and exits with 130.
 """
 from __future__ import annotations
 
@@ -196,8 +196,12 @@ def train(args) -> int:
             json.dump({"train": config.to_dict(), "algo": trainer.algo.to_dict(), "task": task.to_dict(),
                        "model": policy.config.to_dict()}, f, indent=2)
     t0 = time.perf_counter()
-    history = trainer.train(out_dir=args.out, progress=not args.no_progress,
-                            checkpoint_every=args.checkpoint_every, stop_at_accuracy=args.stop_at)
+    try:
+        history = trainer.train(out_dir=args.out, progress=not args.no_progress,
+                                checkpoint_every=args.checkpoint_every, stop_at_accuracy=args.stop_at)
+    except KeyboardInterrupt:  # Ctrl-C: the interrupted step was undone, the last whole one is saved
+        trainer.save(ckpt)
+        raise KeyboardInterrupt(f"interrupted: {ckpt} holds step {trainer.step_count}; --resume continues") from None
     trainer.save(ckpt)
     evals = [h for h in history if "eval_accuracy" in h]
     if evals:
@@ -277,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug or isinstance(e, SystemExit):
             raise
         if isinstance(e, KeyboardInterrupt):
-            print("error: interrupted", file=sys.stderr)
+            print(f"error: {e or 'interrupted'}", file=sys.stderr)
             return EXIT_INTERRUPTED
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -659,7 +659,8 @@ class Trainer:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned. Transactional: ``state`` is checked against this trainer first
-        (config, task, model), and if anything fails while restoring, the trainer is left exactly as it was."""
+        (config, task, model; only ``config.steps`` may differ, the trainer keeps its own), and if anything fails
+        while restoring, the trainer is left exactly as it was."""
         self._verify(state)
         snap = self._snapshot(with_reference=True)
         try:

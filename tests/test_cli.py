@@ -228,6 +228,27 @@ def test_plot_one_metric_of_one_run(capsys, run, tmp_path):
     assert code == 0 and (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_ctrl_c_saves_the_last_whole_step_and_resume_equals_the_uninterrupted_run(capsys, tmp_path, monkeypatch):
+    from grpo_ref.trainer import Trainer
+
+    real = Trainer.step
+
+    def interrupted(self):
+        if self.step_count == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    out = tmp_path / "r"
+    code, _, err = _run(capsys, "train", "--out", out, "--steps", "4", *TINY, "--checkpoint-every", "0")
+    assert code == 130 and "holds step 2; --resume continues" in _one_error_line(err)
+    monkeypatch.undo()
+    assert _run(capsys, "train", "--out", out, "--resume", "--no-progress")[0] == 0
+    straight = tmp_path / "s"
+    assert _run(capsys, "train", "--out", straight, "--steps", "4", *TINY)[0] == 0
+    assert _deterministic(load_metrics(str(out))) == _deterministic(load_metrics(str(straight)))
+
+
 # -- a real kill ---------------------------------------------------------------------------------------------------
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
