@@ -191,7 +191,8 @@ def grpo_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str,
     ``kl_placement == "loss"``) KL term, minus ``ent_coef`` times the entropy.
 
     Shapes: the ``[B, T]`` fields of :class:`LossInputs` (``advantages`` ``[B]`` or ``[B, T]``).
-    Returns ``(loss, metrics)``: a scalar and a dict of detached scalars."""
+    Returns ``(loss, metrics)``: a scalar and a dict of detached scalars. Refused inputs: as :func:`compute_loss`;
+    ``ent_coef > 0`` without ``entropy``."""
     return _policy_part(inp, cfg)
 
 
@@ -199,7 +200,7 @@ def ppo_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, 
     """PPO actor-critic loss: policy part as in :func:`grpo_loss` plus ``vf_coef`` times the clipped value loss
     (aggregated with the same ``loss_agg_mode``).
     Needs ``values``, ``old_values`` and ``returns``, all ``[B, T]``. Returns ``(loss, metrics)`` with ``vf_loss``
-    added."""
+    added. Refused inputs: as :func:`compute_loss` (a missing critic field included)."""
     if inp.values is None or inp.old_values is None or inp.returns is None:
         raise ValueError("ppo_loss needs values, old_values and returns (a critic); use grpo_loss for critic-free algorithms")
     loss, metrics = _policy_part(inp, cfg)

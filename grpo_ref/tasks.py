@@ -29,7 +29,7 @@ class CharTokenizer:
         if not isinstance(chars, str) or not chars:
             raise ValueError(f"chars must be a non-empty str, got {chars!r}")
         if len(set(chars)) != len(chars):
-            raise ValueError(f"characters must be distinct, got {chars!r}")
+            raise ValueError(f"chars must be distinct characters, got {chars!r}")
         self.chars = chars
         self.stoi = {ch: i + 3 for i, ch in enumerate(chars)}
         self.itos = {i: ch for ch, i in self.stoi.items()}

@@ -291,6 +291,13 @@ for name in ("grpo_advantages", "rloo_advantages"):
 for v in HYPER_REAL + [-1e-6, True]:
     cls = "bool-int" if isinstance(v, bool) else "hyper"
     refuse(cls, "grpo_advantages", f"eps={v!r}", lambda v=v: G.grpo_advantages(_rewards(), GS, eps=v), "eps", str(v))
+_EMPTY_ROW = _set(MASK, 3, 0.0)  # sequence 3 has no response token
+valid("nonfinite", "policy_loss", "advantages [B] nan for an empty response",
+      lambda: G.policy_loss(_logp(1), _logp(2), _set(torch.randn(B, generator=_gen(3)), 3, NAN), _EMPTY_ROW),
+      "the advantage of a sequence without a token never reaches the loss",
+      reference=lambda: G.policy_loss(_logp(1), _logp(2), _set(torch.randn(B, generator=_gen(3)), 3, 0.0), _EMPTY_ROW))
+refuse("nonfinite", "policy_loss", "advantages [B] nan for a real response",
+       lambda: G.policy_loss(_logp(1), _logp(2), _set(torch.randn(B, generator=_gen(3)), 0, NAN), MASK), "advantages", "nan")
 refuse("hyper", "policy_loss", "kl_coef=1e308 overflows", lambda: G.policy_loss(_logp(1), _logp(2), _bt(3), MASK, ref_logp=_logp(4), kl_coef=1e308),
        "kl_coef", "1e+308")
 refuse("hyper", "grpo_advantages", "scale='std'", lambda: G.grpo_advantages(_rewards(), GS, scale="std"), "scale", "std")
@@ -602,6 +609,10 @@ for kw, arg, det in ((dict(n_digits=True), "n_digits", "True"), (dict(n_digits=2
                      (dict(format_reward=-0.1), "format_reward", "-0.1"), (dict(seed=1.5), "seed", "1.5"), (dict(zero_pad="yes"), "zero_pad", "yes")):
     refuse("bool-int" if True in kw.values() and isinstance(list(kw.values())[0], bool) else "hyper", "AdditionTask", str(kw),
            lambda kw=kw: G.AdditionTask(**{"n_digits": 1, "eval_size": 8, **kw}), arg, det)
+refuse("dtype", "CharTokenizer", "chars a list", lambda: G.CharTokenizer(["0", "1"]), "chars", "['0', '1']")
+refuse("hyper", "CharTokenizer", "chars repeated", lambda: G.CharTokenizer("00"), "chars", "'00'")
+refuse("dtype", "CharTokenizer.encode", "text an int", lambda: _TASK.tokenizer.encode(12), "text", "int")
+refuse("hyper", "CharTokenizer.encode", "text outside the vocabulary", lambda: _TASK.tokenizer.encode("1-2"), "characters", "-")
 for v in (0, True, 2.0, NAN):
     refuse("bool-int" if v is True else "hyper", "parse_answer", f"max_digits={v!r}", lambda v=v: G.parse_answer("12", v), "max_digits", str(v))
 valid("dtype", "parse_answer", "text not a str", lambda: torch.tensor(0.0) if G.parse_answer(12, 3) is None else torch.tensor(NAN),
@@ -649,7 +660,7 @@ def test_campaign_covers_every_class_and_public_function():
               "discounted_returns", "reinforce_pp_advantages", "gae_advantages", "process_advantages", "overlong_penalty",
               "policy_loss", "value_loss", "entropy_bonus", "kl_in_reward", "AlgoConfig", "get_preset", "compute_advantages",
               "compute_loss", "LossInputs", "GPTConfig", "tiny_gpt", "TinyGPT", "ValueModel", "generate", "rollout", "evaluate",
-              "AdditionTask", "parse_answer", "supervised_warm_start", "warm_start_policy"}
+              "AdditionTask", "parse_answer", "supervised_warm_start", "warm_start_policy", "CharTokenizer"}
     assert public <= funcs, public - funcs
     assert all(c.why for c in CASES if c.refused_arg is None), "every valid case says why it is valid"
 
