@@ -28,7 +28,7 @@ from ._checks import as_float, check_2d, check_choice, check_finite, check_mask,
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def check_aggregate_args(
+def _check_aggregate_args(
     name: str, loss_mat, mask, loss_agg_mode, norm_length
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[float]]:
     """Validate :func:`aggregate`'s arguments, naming the per-token tensor ``name``; returns ``(values, m, norm)``
@@ -55,7 +55,7 @@ def aggregate(
     ``loss_mat`` at masked-in positions (masked-out positions may hold anything: they never reach the result).
     An empty batch (``B = 0``) or ``T = 0`` gives 0 (a sum over no token).
     """
-    values, m, norm = check_aggregate_args("loss_mat", loss_mat, mask, loss_agg_mode, norm_length)
+    values, m, norm = _check_aggregate_args("loss_mat", loss_mat, mask, loss_agg_mode, norm_length)
     return _aggregate(values, m, loss_agg_mode, norm)
 
 

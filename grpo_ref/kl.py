@@ -31,7 +31,7 @@ from ._checks import NonFiniteInputError, _first_bad, as_float, check_choice, ch
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def check_log_ratio_args(logp, ref_logp, max_log_ratio) -> Optional[float]:
+def _check_log_ratio_args(logp, ref_logp, max_log_ratio) -> Optional[float]:
     """Validate the arguments of the k-estimators: equal-shape real tensors, finite everywhere (there is no mask
     here: zero the padding first, or use :func:`~grpo_ref.surrogate.policy_loss`, which skips it), and
     ``max_log_ratio`` None or finite ``> 0``."""
@@ -74,14 +74,14 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[fl
     """Schulman's k1 ``= lp - ref`` per token. Shapes: any equal shapes, e.g. ``[B, T]``; returns the same.
 
     {refused}"""
-    return _k1(logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
+    return _k1(logp, ref_logp, _check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 
 def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
     """Schulman's k2 ``= (lp - ref)^2 / 2`` per token (verl ``kl_penalty="mse"``/``"k2"``).
 
     Shapes: ``logp, ref_logp: [B, T]`` (any equal shapes) -> the same shape, at least float32. {refused}"""
-    return _k2(logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
+    return _k2(logp, ref_logp, _check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[float] = 20.0) -> torch.Tensor:
@@ -91,7 +91,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[fl
     Shapes: ``logp, ref_logp: [B, T]`` (any equal shapes) -> the same shape, at least float32.
     See the module docstring for the clamp. {refused}
     """
-    return _k3(logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
+    return _k3(logp, ref_logp, _check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 
 def kl_estimate(
@@ -101,11 +101,12 @@ def kl_estimate(
 
     Shapes: ``logp, ref_logp: [B, T]`` -> ``[B, T]``. {refused}"""
     check_choice("estimator", estimator, KL_ESTIMATORS, what="KL estimator")
-    return _ESTIMATORS[estimator](logp, ref_logp, check_log_ratio_args(logp, ref_logp, max_log_ratio))
+    return _ESTIMATORS[estimator](logp, ref_logp, _check_log_ratio_args(logp, ref_logp, max_log_ratio))
 
 
-for _f in (kl_k1, kl_k2, kl_k3, kl_estimate):
-    _f.__doc__ = _f.__doc__.replace("{refused}", _REFUSED)
+for _f in (kl_k1, kl_k2, kl_k3, kl_estimate):  # one text for the four docstrings (None under python -OO)
+    if _f.__doc__:
+        _f.__doc__ = _f.__doc__.replace("{refused}", _REFUSED)
 
 
 def _check_logits_arg(name: str, x) -> None:

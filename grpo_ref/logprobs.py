@@ -13,7 +13,7 @@ import torch
 from ._checks import NonFiniteInputError, _first_bad, as_float, check_ids, check_int, check_real, check_tensor
 
 
-def check_logits(name: str, logits) -> torch.Tensor:
+def _check_logits(name: str, logits) -> torch.Tensor:
     """``logits: [..., V]`` floating point with ``V >= 1`` (dtype and shape only; values: :func:`_check_result`)."""
     check_tensor(name, logits)
     if not logits.is_floating_point():
@@ -83,7 +83,7 @@ def token_logprobs(
         Empty inputs (no position) give an empty result. A token whose logit is -inf (probability 0) or
         logits that overflow once divided by ``tau`` raise ``ValueError``: the result would be -inf or NaN.
     """
-    check_logits("logits", logits)
+    _check_logits("logits", logits)
     check_tensor("tokens", tokens)
     if tokens.shape != logits.shape[:-1]:
         raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
@@ -116,7 +116,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     Returns:
         ``[...]`` float32 (float64 for float64 input) entropies in nats, differentiable; empty for empty input.
     """
-    check_logits("logits", logits)
+    _check_logits("logits", logits)
     tau, chunk = _check_scaling(temperature, chunk_size)
     return _check_result(_token_entropy(logits, tau, chunk), logits)
 

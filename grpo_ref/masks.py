@@ -72,7 +72,7 @@ def response_mask(
     return keep.to(torch.float32)
 
 
-def check_masked(values, mask, values_name: str = "values", mask_name: str = "mask") -> tuple:
+def _check_masked(values, mask, values_name: str = "values", mask_name: str = "mask") -> tuple:
     """Validate a ``(values, mask)`` pair of equal shapes: a real tensor, a 0/1 mask, ``values`` finite where the
     mask is 1 (NaN/inf under the mask's 0s is allowed: padding never reaches the result). Returns ``(v, m)``:
     ``values`` in at least float32 and the mask in its dtype."""
@@ -102,7 +102,7 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = No
     or the shape without ``dim``. Refused: a mask holding anything but 0/1, NaN/inf at masked-in positions,
     complex values, a ``dim`` out of range. Empty inputs sum to 0.
     """
-    v, m = check_masked(values, mask)
+    v, m = _check_masked(values, mask)
     return _masked_sum(v, m, _check_dim_arg(dim, v))
 
 
@@ -116,7 +116,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = N
 
     Shapes: ``values, mask: [B, T]`` -> a scalar, or ``[B]`` with ``dim=-1`` (per-sequence means).
     Refused inputs: as :func:`masked_sum`."""
-    v, m = check_masked(values, mask)
+    v, m = _check_masked(values, mask)
     return _masked_mean(v, m, _check_dim_arg(dim, v))
 
 
@@ -132,7 +132,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     (OpenRLHF's global whitening). With ``n <= 1`` (or ``n == 0`` biased) the variance is 0, not NaN.
     Shapes: ``values, mask: [B, T]`` -> a scalar. Refused inputs: as :func:`masked_sum`; ``unbiased`` must be a bool.
     """
-    v, m = check_masked(values, mask)
+    v, m = _check_masked(values, mask)
     return _masked_var(v, m, check_bool("unbiased", unbiased))
 
 
@@ -161,7 +161,7 @@ def masked_whiten(
     Returns:
         same shape, float32 or float64.
     """
-    v, m = check_masked(values, mask)
+    v, m = _check_masked(values, mask)
     eps = check_real("eps", eps, lo=0.0)
     return _masked_whiten(v, m, check_bool("shift_mean", shift_mean), check_bool("unbiased", unbiased), eps)
 

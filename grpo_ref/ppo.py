@@ -6,7 +6,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ._checks import as_float, check_2d, check_choice, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_tensor
-from .aggregation import _aggregate, check_aggregate_args
+from .aggregation import _aggregate, _check_aggregate_args
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean
 
@@ -32,7 +32,7 @@ def value_loss(
     check_2d("values", values)
     check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     clip_range = check_optional_real("clip_range", clip_range, lo=0.0, lo_open=True)
-    v, m, norm = check_aggregate_args("values", values, mask, loss_agg_mode, None)
+    v, m, norm = _check_aggregate_args("values", values, mask, loss_agg_mode, None)
     consts = []
     for name, x in (("old_values", old_values), ("returns", returns)):
         check_float_tensor(name, x)
@@ -65,7 +65,7 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str 
     """Aggregated entropy ``agg(H_t)`` (``[B, T]`` -> scalar); the total loss subtracts ``ent_coef`` times it.
 
     Refused inputs: as :func:`~grpo_ref.aggregation.aggregate`, with ``entropy`` in the messages."""
-    h, m, norm = check_aggregate_args("entropy", entropy, mask, loss_agg_mode, None)
+    h, m, norm = _check_aggregate_args("entropy", entropy, mask, loss_agg_mode, None)
     return _aggregate(h, m, loss_agg_mode, norm)
 
 

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ._checks import as_float, check_choice, check_scalar_result, check_finite, check_float_tensor, check_optional_real, check_real, check_same_shape, check_2d
-from .aggregation import _aggregate, check_aggregate_args
+from .aggregation import _aggregate, _check_aggregate_args
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean
 
@@ -108,7 +108,7 @@ def policy_loss(
     check_float_tensor("logp", logp)
     check_2d("logp", logp)
     check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
-    lp, m, norm = check_aggregate_args("logp", logp, mask, loss_agg_mode, norm_length)
+    lp, m, norm = _check_aggregate_args("logp", logp, mask, loss_agg_mode, norm_length)
     old = _masked_input("old_logp", old_logp, lp, m)
     adv = _broadcast_advantages(advantages, lp)
     if advantages.dim() == 1:  # [B]: finite for every sequence with a token

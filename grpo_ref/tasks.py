@@ -148,7 +148,7 @@ class AdditionTask:
         """``[eval_size, 2]`` the fixed eval split."""
         return torch.stack([self._eval_idx // self.base, self._eval_idx % self.base], dim=-1)
 
-    def check_pairs(self, pairs, name: str = "pairs") -> torch.Tensor:
+    def _check_pairs(self, pairs, name: str = "pairs") -> torch.Tensor:
         """``pairs: [N, 2]`` integer operands in ``[0, 10**n_digits)`` with ``N >= 1``, returned as int64."""
         check_tensor(name, pairs)
         check_dim(name, pairs, 2, "[N, 2]")
@@ -161,7 +161,7 @@ class AdditionTask:
 
     def is_eval_pair(self, pairs: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: which pairs belong to the eval split."""
-        pairs = self.check_pairs(pairs)
+        pairs = self._check_pairs(pairs)
         return torch.isin(pairs[:, 0] * self.base + pairs[:, 1], self._eval_idx)
 
     def prompt_text(self, a: int, b: int) -> str:
@@ -174,8 +174,8 @@ class AdditionTask:
 
     def encode_prompts(self, pairs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompts: ``(input_ids [N, P], attention_mask [N, P])``, each row ``BOS a + b =``.
-        ``pairs`` as :meth:`check_pairs` (``ValueError`` otherwise)."""
-        pairs = self.check_pairs(pairs)
+        ``pairs``: ``[N, 2]`` integer operands in ``[0, 10**n_digits)``, ``N >= 1`` (``ValueError`` otherwise)."""
+        pairs = self._check_pairs(pairs)
         rows = [[self.tokenizer.bos_id] + self.tokenizer.encode(self.prompt_text(int(a), int(b))) for a, b in pairs.tolist()]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
@@ -202,7 +202,7 @@ class AdditionTask:
             ``(rewards [N] float32, correct [N] bool)``: ``1 + format_reward`` if right, ``format_reward`` if a
             well-formed number ended by EOS but wrong, 0 otherwise (no EOS, a special or non-digit token inside).
         """
-        pairs = self.check_pairs(pairs)
+        pairs = self._check_pairs(pairs)
         check_tensor("responses", responses)
         check_dim("responses", responses, 2, "[N, L]")
         responses = check_ids("responses", responses, self.vocab_size)
@@ -230,9 +230,9 @@ class AdditionTask:
 
         Returns ``(input_ids [N, T], attention_mask [N, T], loss_mask [N, T])``: prompts left-padded, answers
         right-padded; ``loss_mask[i, t] = 1`` where ``input_ids[i, t]`` is an answer token (EOS included), so the
-        logits at ``t - 1`` are trained to predict it. ``pairs`` as :meth:`check_pairs`.
+        logits at ``t - 1`` are trained to predict it. ``pairs`` as in :meth:`encode_prompts`.
         """
-        pairs = self.check_pairs(pairs)
+        pairs = self._check_pairs(pairs)
         prompts, pmask = self.encode_prompts(pairs)
         answers = [self.answer_ids(a, b) for a, b in pairs.tolist()]
         width = max(len(r) for r in answers)
