@@ -775,3 +775,17 @@ def campaign_table() -> str:
 if __name__ == "__main__":
     print(f"{len(CASES)} cases")
     print(campaign_table())
+
+
+def test_math_layer_does_not_import_the_loop_layer():
+    """The math modules (and their shared checks) import neither the model, the task, rollouts, the trainer, the
+    CLI nor plotting: the checks add no dependency from the math to the training loop."""
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(G.__file__).parent
+    loop = {"model", "tasks", "rollout", "trainer", "__main__", "plotting", "sft"}
+    for name in ("_checks", "logprobs", "masks", "kl", "advantages", "aggregation", "surrogate", "ppo", "algorithms"):
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        imported = {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level and node.module}
+        assert not imported & loop, (name, imported & loop)
