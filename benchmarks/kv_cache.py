@@ -19,7 +19,7 @@ from grpo_ref.model import GPTConfig, tiny_gpt
 from grpo_ref.rollout import generate
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
@@ -27,15 +27,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kv_cache.txt"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     cfg = GPTConfig(vocab_size=64, block_size=args.prompt_len + args.new_tokens, n_layer=4, n_head=4, n_embd=128)
     model = tiny_gpt(cfg, seed=0).eval()
     prompts = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompts)
-    # eos_id outside the vocabulary: no row stops early, every run samples exactly new_tokens tokens
-    kw = dict(max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0, temperature=1.0)
+    # eos_id one past the vocabulary: never sampled, so no row stops early and every run samples new_tokens tokens
+    kw = dict(max_new_tokens=args.new_tokens, eos_id=cfg.vocab_size, pad_id=0, temperature=1.0)
 
     def run(use_cache: bool):
         t0 = time.perf_counter()

@@ -2,6 +2,8 @@
 
     python benchmarks/train_accuracy.py [--seeds 0 1 2] [--algos grpo ppo] [--budget-s 300] [--ppo-budget-s 600] [--threads 2]
 
+(``--prompts``, ``--eval-every`` and ``--warm-max-steps`` shrink it to the smoke run of the test suite.)
+
 For every (algorithm, seed): warm-start a TinyGPT by SFT until 20% greedy accuracy on training prompts
 (``warm_start_policy``, seeded), then train with the package defaults of :class:`TrainConfig` and that seed,
 evaluating greedily on the 256 held-out eval sums every 25 steps, until the eval accuracy reaches 90% or the
@@ -30,12 +32,13 @@ from grpo_ref.tasks import AdditionTask
 from grpo_ref.trainer import Trainer, TrainConfig
 
 
-def run_one(algo: str, seed: int, budget_s: float, target: float, log) -> dict:
+def run_one(algo: str, seed: int, budget_s: float, target: float, log, prompts: int = TrainConfig.prompts_per_step,
+            eval_every: int = 25, warm_max_steps: int = 3000) -> dict:
     task = AdditionTask(n_digits=2, eval_size=256, seed=0)
     t0 = time.perf_counter()
-    policy = warm_start_policy(task, target_accuracy=0.2, seed=seed)
+    policy = warm_start_policy(task, target_accuracy=0.2, steps=warm_max_steps, seed=seed)
     warm_s = time.perf_counter() - t0
-    cfg = TrainConfig(algo=algo, seed=seed, steps=100_000, eval_every=25)
+    cfg = TrainConfig(algo=algo, seed=seed, steps=100_000, eval_every=eval_every, prompts_per_step=prompts)
     trainer = Trainer(policy, task, cfg)
     start_acc = evaluate(policy, task)[0]
     log(f"[{algo} seed {seed}] warm start: {warm_s:.1f} s, eval accuracy {start_acc:.3f}; "
@@ -63,7 +66,7 @@ def run_one(algo: str, seed: int, budget_s: float, target: float, log) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--algos", nargs="+", default=["grpo", "ppo"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -71,8 +74,11 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--ppo-budget-s", type=float, default=600.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=TrainConfig.prompts_per_step)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--warm-max-steps", type=int, default=3000)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_accuracy.txt"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     out = open(args.out, "w")
@@ -90,7 +96,8 @@ def main() -> None:
     for a in args.algos:
         for seed in args.seeds:
             load0 = os.getloadavg()[0]
-            r = run_one(a, seed, args.ppo_budget_s if a == "ppo" else args.budget_s, args.target, log)
+            r = run_one(a, seed, args.ppo_budget_s if a == "ppo" else args.budget_s, args.target, log,
+                        prompts=args.prompts, eval_every=args.eval_every, warm_max_steps=args.warm_max_steps)
             r["load_avg_1min"] = (round(load0, 2), round(os.getloadavg()[0], 2))
             log(f"  load average (1 min) before / after: {r['load_avg_1min'][0]} / {r['load_avg_1min'][1]}")
             results.append(r)

@@ -1,0 +1,73 @@
+"""The benchmark scripts run, with small parameters, and write what the book reads.
+
+Chapter 3 reads and asserts the committed results of ``benchmarks/grpo_vs_ppo.py`` and
+``benchmarks/train_accuracy.py``; these tests run each script end to end on a few steps of a few prompts (so CI
+exercises the code that produced the committed numbers) and check that a fresh run writes the same fields, per run
+and per step, as the committed files hold: a script changed without re-running its benchmark fails here.
+Nothing is timed. Marked ``slow`` (each test trains a tiny model for a few steps).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def committed(name: str):
+    return json.loads((BENCH / "results" / name).read_text())
+
+
+def test_grpo_vs_ppo_smoke_run_writes_what_chapter_3_reads(tmp_path):
+    out, js = tmp_path / "gvp.txt", tmp_path / "gvp.json"
+    printed = run_script("grpo_vs_ppo.py", "--steps", "3", "--prompts", "4", "--seeds", "0", "--warm-max-steps", "5",
+                         "--eval-every", "2", "--out", str(out), "--json", str(js))
+    assert out.read_text().strip() == printed.strip()
+    runs = json.loads(js.read_text())
+    assert [(r["algo"], r["seed"]) for r in runs] == [("grpo", 0), ("ppo", 0)]
+    for r in runs:
+        hist = r["history"]
+        # an evaluation before the first step, every --eval-every steps, and always after the last one
+        assert [h["step"] for h in hist] == [0, 1, 2, 3]
+        assert [h["step"] for h in hist if "eval_accuracy" in h] == [0, 2, 3]
+        assert hist[0]["eval_accuracy"] == r["warm_accuracy"] and hist[-1]["eval_accuracy"] == r["final_accuracy"]
+        assert all(h["samples"] == 4 * r["group_size"] for h in hist[1:])
+    assert "value_mean" in runs[1]["history"][1] and "value_mean" not in runs[0]["history"][1]  # PPO has a critic
+
+    full = committed("grpo_vs_ppo.json")
+    assert {(r["algo"], r["seed"]) for r in full} >= {(a, s) for a in ("grpo", "ppo") for s in (0, 1, 2)}
+    for fresh in runs:
+        old = next(r for r in full if r["algo"] == fresh["algo"])
+        assert set(fresh) == set(old), "the committed results were written by another version of the script"
+        assert set(fresh["history"][1]) == set(old["history"][1])
+        assert [h["step"] for h in old["history"]] == list(range(old["steps"] + 1))
+
+
+def test_train_accuracy_smoke_run_writes_what_chapter_3_reads(tmp_path):
+    out = tmp_path / "acc.txt"
+    # target 0: reached at the first evaluation; one step of GRPO on 4 prompts
+    run_script("train_accuracy.py", "--algos", "grpo", "--seeds", "0", "--target", "0.0", "--prompts", "4",
+               "--eval-every", "1", "--warm-max-steps", "5", "--threads", "1", "--out", str(out))
+    (fresh,) = json.loads((tmp_path / "train_accuracy_curves.json").read_text())
+    assert fresh["reached"] and fresh["steps"] == 1 and fresh["samples"] == 4 * 4
+    assert "summary" in out.read_text()
+    full = committed("train_accuracy_curves.json")
+    assert set(fresh) == set(full[0]), "the committed results were written by another version of the script"
+
+
+def test_kv_cache_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "kv.txt"
+    printed = run_script("kv_cache.py", "--new-tokens", "4", "--batch", "2", "--repeats", "1", "--out", str(out))
+    assert "same tokens: True" in printed and out.read_text().strip() == printed.strip()
