@@ -365,7 +365,7 @@ class Trainer:
             "rng": (self.prompt_generator.get_state(), self.sample_generator.get_state(), torch.get_rng_state()),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step_count": self.step_count,
-            "history": list(self.history),
+            "history": (self.history, len(self.history)),  # a step only appends; a load replaces the list
         }
         if with_reference:
             snap["models"]["reference"] = clone(self.reference)
@@ -389,7 +389,8 @@ class Trainer:
         if snap["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(snap["cuda_rng"])
         self.step_count = snap["step_count"]
-        self.history[:] = snap["history"]
+        self.history, n = snap["history"]
+        del self.history[n:]
 
     # -- one step ------------------------------------------------------------------------------------------------------
     def step(self) -> Dict[str, float]:
