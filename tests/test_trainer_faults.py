@@ -488,3 +488,16 @@ def test_train_config_accepts_valid_values_and_round_trips():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['nosuch'\]"):
         TrainConfig.from_dict({**cfg.to_dict(), "nosuch": 1})
+
+
+def test_a_checkpoint_without_checksum_loads_with_a_warning(tmp_path, caplog):
+    t = _trainer()
+    t.step()
+    torch.save(t.state_dict(), tmp_path / "old.pt")  # format 1: the state itself, no checksum
+    other = _trainer()
+    with caplog.at_level(logging.WARNING, logger="grpo_ref"):
+        other.load(str(tmp_path / "old.pt"))
+    assert "has no checksum" in caplog.text and other.step_count == 1
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a grpo_ref checkpoint"):
+        other.load(str(tmp_path / "list.pt"))
