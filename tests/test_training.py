@@ -329,6 +329,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_grpo_raises_eval_accuracy_from_the_warm_start(one_thread):
     """Warm start (SFT until ~20% train accuracy), then 200 GRPO steps with the package defaults: greedy eval
     accuracy on 256 held-out sums must rise by at least 15 points (measured: 0.23 -> 0.48)."""
