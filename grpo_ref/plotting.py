@@ -1,7 +1,7 @@
 """Plots of training metrics: one run's dashboard, and several runs compared on one metric.
 
 matplotlib is imported inside the functions, so ``import grpo_ref`` never needs it.
-Runs are lists of metric dicts (``Trainer.history`` or :func:`grpo_ref.trainer.load_metrics`).
+Runs are lists of metric dicts (``Trainer.history`` or :func:`grpo_ref.metrics_log.load_metrics`).
 """
 from __future__ import annotations
 
