@@ -33,12 +33,12 @@ accumulated in a float32 ``[V, H]`` buffer and cast once at the end.
 
 Memory (``c = chunk_size`` rows, float32 working precision, beyond the inputs and the returned gradients):
 
-* from logits, forward: two ``[c, V]`` temporaries; saved for backward: the logits themselves (no copy; a view
+* from logits, forward: one ``[c, V]`` work buffer (two with the entropy), reused by every chunk; saved for backward: the logits themselves (no copy; a view
   even for non-contiguous slices such as ``logits[:, p - 1 : -1]``), the ids and ``[N]`` floats. Backward: the
-  ``[N, V]`` gradient buffer (the physical floor: autograd needs it) plus at most two ``[c, V]`` temporaries.
+  ``[N, V]`` gradient buffer (the physical floor: autograd needs it) plus at most two ``[c, V]`` buffers.
   ``log_softmax(z / tau).gather(...)`` holds ``[N, V]`` log-softmax for its backward and allocates two more
   ``[N, V]`` tensors in it.
-* fused: at most two ``[c, V]`` temporaries in either pass; ``[N]`` floats saved; backward adds the ``dL/dh``
+* fused: one ``[c, V]`` buffer in either pass (two with the entropy); ``[N]`` floats saved; backward adds the ``dL/dh``
   (``[N, H]``), ``dL/dW`` (``[V, H]``) and ``dL/db`` buffers (one float32 ``[V, H]`` accumulator more for
   bf16/fp16). ``N x V`` never appears.
 
@@ -89,42 +89,71 @@ def _row_blocks(x: torch.Tensor, chunk: int, offset: int = 0) -> Iterator[Tuple[
         yield from _row_blocks(x[i], chunk, offset + i * per)
 
 
-def _scaled(block: torch.Tensor, tau: float, owned: bool = False) -> Tuple[torch.Tensor, bool]:
-    """``block / tau`` in at least float32, and whether the result is a fresh tensor (may be overwritten)."""
-    z = as_float(block)
-    fresh = owned or z.data_ptr() != block.data_ptr() or z.dtype != block.dtype
-    if tau != 1.0:
-        z = z.div_(tau) if fresh else z / tau
-        fresh = True
-    return z, fresh
+class _Work:
+    """``[chunk, V]`` float buffers reused by every chunk of one call (one per role, allocated on first use), so a
+    pass allocates its working memory once instead of once per chunk."""
+
+    def __init__(self, rows: int, v: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.v, self.dtype, self.device, self.bufs = rows, v, dtype, device, {}
+
+    def get(self, key: str, c: int) -> torch.Tensor:
+        buf = self.bufs.get(key)
+        if buf is None:
+            buf = self.bufs[key] = torch.empty(self.rows, self.v, dtype=self.dtype, device=self.device)
+        return buf[:c]
 
 
-def _forward_block(z: torch.Tensor, ids: Optional[torch.Tensor], need_h: bool):
-    """``z: [c, V]`` scaled logits (read only) -> ``lse [c]``, ``log pi(y) [c]`` (or None), ``H [c]`` (or None).
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    ``lse = m + log s`` with ``m`` the row max and ``s = sum exp(z - m)``; ``H = log s - sum_v e_v t_v / s`` with
-    ``t = z - m`` and ``e = exp(t)`` (``= -sum p log p``, no cancellation between large terms)."""
+
+def _load(block: torch.Tensor, tau: float, work: _Work, copy: bool) -> Tuple[torch.Tensor, bool]:
+    """``block / tau`` in at least float32, and whether it lives in the work buffer (and may be overwritten).
+    float32/float64 at ``tau == 1`` is returned as is (a view of the input) unless ``copy``."""
+    same = block.dtype == work.dtype
+    if same and tau == 1.0 and not copy:
+        return block, False
+    z = work.get("z", block.shape[0])
+    if tau != 1.0 and same:
+        torch.div(block, tau, out=z)
+    else:
+        z.copy_(block)
+        if tau != 1.0:
+            z.div_(tau)
+    return z, True
+
+
+def _forward_block(z: torch.Tensor, ids: Optional[torch.Tensor], need_h: bool, work: _Work, owned: bool):
+    """``z: [c, V]`` scaled logits (overwritten when ``owned``) -> ``lse [c]``, ``log pi(y) [c]`` (or None),
+    ``H [c]`` (or None).
+
+    ``lse = m + log s`` with ``m`` the row max and ``s = sum exp(z - m)``; ``log pi(y) = (z_y - m) - log s``;
+    ``H = log s - sum_v e_v t_v / s`` with ``t = z - m`` and ``e = exp(t)`` (``= -sum p log p``, no cancellation
+    between large terms). One ``[c, V]`` work buffer for the log-probs, two with the entropy."""
+    c = z.shape[0]
     m = z.amax(-1)
-    t = z - m[:, None]
-    e = torch.exp(t)
-    s = e.sum(-1)
-    log_s = s.log()
-    lse = m + log_s
-    lp = None if ids is None else z.gather(-1, ids[:, None])[:, 0] - lse
+    chosen = None if ids is None else z.gather(-1, ids[:, None])[:, 0] - m
+    t = z.sub_(m[:, None]) if owned else torch.sub(z, m[:, None], out=work.get("t", c))
     h = None
     if need_h:
+        e = torch.exp(t, out=work.get("e", c))
+        s = e.sum(-1)
+        log_s = s.log()
         t.clamp_(min=torch.finfo(t.dtype).min)  # -inf logits: e = 0 there, and 0 * finite = 0 (0 log 0 = 0)
         h = log_s - e.mul_(t).sum(-1) / s
-    return lse, lp, h
+    else:
+        log_s = t.exp_().sum(-1).log()
+    lp = None if chosen is None else chosen - log_s
+    return m + log_s, lp, h
 
 
-def _grad_block(lp: torch.Tensor, ids, lse_h, g_lp, g_h, tau: float) -> torch.Tensor:
-    """Overwrite ``lp: [c, V]``, holding ``log p = z' - lse``, with ``dL/dz`` (see the module's equations)."""
-    h = lse_h
+def _grad_block(lp: torch.Tensor, ids, h, g_lp, g_h, tau: float, work: _Work) -> torch.Tensor:
+    """Overwrite ``lp: [c, V]``, holding ``log p = z' - lse``, with ``dL/dz`` (see the module's equations; ``h``
+    the rows' entropies, ``g_lp``/``g_h`` the incoming gradients, None for an output that did not get one)."""
     if g_h is None:
         lp.exp_().mul_((-g_lp / tau)[:, None])
     else:
-        p = torch.exp(lp)
+        p = torch.exp(lp, out=work.get("p", lp.shape[0]))
         lp.clamp_(min=torch.finfo(lp.dtype).min).add_(h[:, None]).mul_(p).mul_((-g_h / tau)[:, None])
         if g_lp is not None:
             lp.addcmul_(p, (-g_lp / tau)[:, None])
@@ -161,14 +190,15 @@ def _outputs(lp, h, need_lp: bool, need_h: bool):
 def _logits_forward(logits: torch.Tensor, ids: torch.Tensor, tau: float, chunk: int, need_lp: bool, need_h: bool):
     """Chunked forward (no autograd): ``[N]`` log-probs (or None), entropies (or None) and logsumexp."""
     n = logits.numel() // logits.shape[-1]
-    ft = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    ft = _float_dtype(logits.dtype)
+    work = _Work(min(chunk, n), logits.shape[-1], ft, logits.device)
     lse = torch.empty(n, dtype=ft, device=logits.device)
     lp = torch.empty(n, dtype=ft, device=logits.device) if need_lp else None
     h = torch.empty(n, dtype=ft, device=logits.device) if need_h else None
     for s, block in _row_blocks(logits, chunk):
         e = s + block.shape[0]
-        z, _ = _scaled(block, tau)
-        l, a, b = _forward_block(z, ids[s:e] if need_lp else None, need_h)
+        z, owned = _load(block, tau, work, copy=False)
+        l, a, b = _forward_block(z, ids[s:e] if need_lp else None, need_h, work, owned)
         lse[s:e] = l
         if need_lp:
             lp[s:e] = a
@@ -203,6 +233,7 @@ class _LogitsFn(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         rows = grad.view(-1, v)
         direct = logits.dtype in (torch.float32, torch.float64)
+        work = _Work(min(chunk, n), v, lse.dtype, logits.device)
         for s, block in _row_blocks(logits, chunk):
             e = s + block.shape[0]
             if direct:  # write log p straight into the gradient buffer
@@ -212,10 +243,10 @@ class _LogitsFn(torch.autograd.Function):
                 else:
                     torch.div(block, tau, out=out).sub_(lse[s:e, None])
             else:
-                out, _ = _scaled(block, tau)
+                out, _ = _load(block, tau, work, copy=True)
                 out.sub_(lse[s:e, None])
             _grad_block(out, ids[s:e], None if h is None else h[s:e],
-                        None if g_lp is None else g_lp[s:e], None if g_h is None else g_h[s:e], tau)
+                        None if g_lp is None else g_lp[s:e], None if g_h is None else g_h[s:e], tau, work)
             if not direct:
                 rows[s:e].copy_(out)
         return grad, None, None, None, None, None
@@ -262,11 +293,19 @@ def token_logprobs_and_entropy(
 
 
 # ---------------------------------------------------------------------------------------------- fused from hidden
-def _chunk_logits(h_c: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tau: float) -> torch.Tensor:
-    """``(h_c W^T + b) / tau`` as a fresh ``[c, V]`` tensor in at least float32."""
-    z = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
-    z, _ = _scaled(z, tau, owned=True)
-    return z
+def _chunk_logits(h_c: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tau: float, work: _Work) -> torch.Tensor:
+    """``(h_c W^T + b) / tau`` ``[c, V]`` in at least float32, in the work buffer (the matmul writes into it
+    directly for float32/float64; a bf16/fp16 product is made in its dtype and upcast)."""
+    z = work.get("z", h_c.shape[0])
+    dst = z if h_c.dtype == work.dtype else None
+    if bias is None:
+        out = torch.mm(h_c, weight.t(), out=dst) if dst is not None else torch.mm(h_c, weight.t())
+    else:
+        out = torch.addmm(bias, h_c, weight.t(), out=dst) if dst is not None else torch.addmm(bias, h_c, weight.t())
+    if dst is None:
+        z.copy_(out)
+        del out
+    return z.div_(tau) if tau != 1.0 else z
 
 
 class _HiddenFn(torch.autograd.Function):
@@ -275,20 +314,20 @@ class _HiddenFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, tau, chunk, need_lp, need_h):
         n = hidden.shape[0]
-        ft = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        ft = _float_dtype(hidden.dtype)
+        work = _Work(min(chunk, n), weight.shape[0], ft, hidden.device)
         lse = torch.empty(n, dtype=ft, device=hidden.device)
         lp = torch.empty(n, dtype=ft, device=hidden.device) if need_lp else None
         h = torch.empty(n, dtype=ft, device=hidden.device) if need_h else None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = _chunk_logits(hidden[s:e], weight, bias, tau)
-            l, a, b = _forward_block(z, ids[s:e] if need_lp else None, need_h)
+            z = _chunk_logits(hidden[s:e], weight, bias, tau, work)
+            l, a, b = _forward_block(z, ids[s:e] if need_lp else None, need_h, work, True)
             lse[s:e] = l
             if need_lp:
                 lp[s:e] = a
             if need_h:
                 h[s:e] = b
-            del z
         ctx.save_for_backward(hidden, weight, bias, ids, lse, h)
         ctx.cfg = (tau, chunk, need_lp, need_h)
         ctx.set_materialize_grads(False)
@@ -303,7 +342,7 @@ class _HiddenFn(torch.autograd.Function):
         g_lp, g_h = _reshape_grads((g_lp, g_h), n, lse.dtype)
         want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         nothing = (None,) * 8
-        if g_lp is None and g_h is None:
+        if (g_lp is None and g_h is None) or not (want_h or want_w or want_b):
             return nothing
         if torch.is_grad_enabled():  # create_graph=True: differentiable, unchunked
             z = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
@@ -316,19 +355,19 @@ class _HiddenFn(torch.autograd.Function):
         gh = torch.empty_like(hidden) if want_h else None
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+        work = _Work(min(chunk, n), weight.shape[0], lse.dtype, hidden.device)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             h_c = hidden[s:e]
-            dz = _chunk_logits(h_c, weight, bias, tau).sub_(lse[s:e, None])
+            dz = _chunk_logits(h_c, weight, bias, tau, work).sub_(lse[s:e, None])
             _grad_block(dz, ids[s:e], None if h is None else h[s:e],
-                        None if g_lp is None else g_lp[s:e], None if g_h is None else g_h[s:e], tau)
+                        None if g_lp is None else g_lp[s:e], None if g_h is None else g_h[s:e], tau, work)
             if want_h:
                 torch.mm(dz.to(hidden.dtype) if low else dz, weight, out=gh[s:e])
             if want_w:
                 gw.addmm_(dz.t(), h_c.to(acc) if low else h_c)
             if want_b:
                 gb.add_(dz.sum(0))
-            del dz
         gw = gw.to(weight.dtype) if (gw is not None and low) else gw
         gb = gb.to(bias.dtype) if (gb is not None and low) else gb
         return (gh, gw, gb) + nothing[3:]
@@ -401,7 +440,7 @@ def token_logprobs_from_hidden(
     tokens: torch.Tensor,
     temperature: float = 1.0,
     bias: Optional[torch.Tensor] = None,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ) -> torch.Tensor:
     """``log pi(y)`` from the last hidden states and the output embedding, never holding the ``[N, V]`` logits.
 
@@ -415,8 +454,9 @@ def token_logprobs_from_hidden(
         tokens: ``[...]`` = ``hidden.shape[:-1]`` integer ids in ``[0, V)``.
         temperature: ``tau``, finite ``> 0``: ``log_softmax((h W^T + b) / tau)``.
         bias: optional ``[V]`` (``lm_head.bias``); -inf entries mask tokens out (probability 0).
-        chunk_size: int ``>= 1`` rows per chunk; working memory is two ``[chunk_size, V]`` float32 tensors in each
-            pass (``256 x 32000``: 2 x 33 MB), independent of ``N``.
+        chunk_size: int ``>= 1`` rows per chunk; working memory is one ``[chunk_size, V]`` float32 buffer in each
+            pass, two with the entropy (``128 x 32000``: 16 MB each), independent of ``N``; smaller chunks make the
+            matmuls less efficient (64 rows was slower at ``H = 512`` on one CPU core).
 
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) log-probs; gradients flow to ``hidden``, ``weight`` and
@@ -433,7 +473,7 @@ def token_entropy_from_hidden(
     weight: torch.Tensor,
     temperature: float = 1.0,
     bias: Optional[torch.Tensor] = None,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ) -> torch.Tensor:
     """Entropy ``-sum_v p_v log p_v`` of ``softmax((h W^T + b) / tau)`` per row, fused as in
     :func:`token_logprobs_from_hidden` (same arguments without ``tokens``; ``[...]`` float32 result)."""
@@ -446,7 +486,7 @@ def token_logprobs_and_entropy_from_hidden(
     tokens: torch.Tensor,
     temperature: float = 1.0,
     bias: Optional[torch.Tensor] = None,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(logp, entropy)`` from hidden states in one chunked pass (what a PPO/GRPO step with an entropy term
     needs); arguments as in :func:`token_logprobs_from_hidden`."""
