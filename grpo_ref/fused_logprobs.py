@@ -70,17 +70,20 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- chunk kernels
+_COPY_BELOW = 1 << 20  # elements (4 MiB of float32): a non-viewable input this small is walked as one copy
+
+
 def _row_blocks(x: torch.Tensor, chunk: int, offset: int = 0) -> Iterator[Tuple[int, torch.Tensor]]:
     """``(first_row, block)`` over the rows of ``x: [..., V]`` flattened to ``[N, V]``, each block a **view** of at
     most ``chunk`` rows. A non-viewable layout (e.g. the slice ``logits[:, p - 1 : -1]``) is walked along its
-    leading dimension instead of being copied (blocks then do not cross that dimension)."""
+    leading dimension instead of being copied (blocks then do not cross that dimension), unless it holds at most
+    ``_COPY_BELOW`` elements (then one copy, as ``reshape`` would make, is cheaper than many tiny blocks)."""
     v = x.shape[-1]
     try:
         rows = x.view(-1, v)
-    except RuntimeError:
-        rows = None
-    if rows is not None or x.dim() < 3:
-        rows = x.reshape(-1, v) if rows is None else rows  # 2-D: always viewable; kept for safety
+    except RuntimeError:  # small tensors are copied: one loop of few large blocks beats many tiny ones
+        rows = x.reshape(-1, v) if x.dim() < 3 or x.numel() <= _COPY_BELOW else None
+    if rows is not None:
         for s in range(0, rows.shape[0], chunk):
             yield offset + s, rows[s : s + chunk]
         return

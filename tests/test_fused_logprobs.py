@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_generator
+from grpo_ref import fused_logprobs
 from grpo_ref._checks import NonFiniteInputError
 from grpo_ref.fused_logprobs import (
     _logits_apply,
@@ -67,8 +68,11 @@ def test_logits_gradcheck(mode, tau, chunk):
     assert torch.autograd.gradcheck(lambda x: _apply(x, tok, tau, chunk, mode), (z,), eps=1e-6, atol=1e-7)
 
 
-def test_logits_gradcheck_non_contiguous_slice():
-    """``logits[:, p - 1 : -1]`` (what the trainer passes) is walked without a copy and differentiates the same."""
+@pytest.mark.parametrize("copy_below", [0, 1 << 20])
+def test_logits_gradcheck_non_contiguous_slice(copy_below, monkeypatch):
+    """``logits[:, p - 1 : -1]`` (what the trainer passes) differentiates the same whether it is walked slice by
+    slice without a copy (large inputs) or copied once (small ones)."""
+    monkeypatch.setattr(fused_logprobs, "_COPY_BELOW", copy_below)
     z, tok = _data(3, 6, 5, seed=2)
     z.requires_grad_(True)
     assert torch.autograd.gradcheck(
@@ -274,7 +278,8 @@ def _saved_bytes(fn, protected):
 
 
 @pytest.mark.parametrize("dtype,tau", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.0)])
-def test_logits_backward_holds_one_full_size_tensor(dtype, tau):
+def test_logits_backward_holds_one_full_size_tensor(dtype, tau, monkeypatch):
+    monkeypatch.setattr(fused_logprobs, "_COPY_BELOW", 0)  # walk the slice as a large input would be walked
     b, t, v, chunk = 4, 16, 64, 5
     n = b * t
     z, tok = _data(b, t + 2, v, seed=17, dtype=dtype, scale=2.0)
