@@ -248,7 +248,7 @@ CHUNK_HIDDEN = 128  # token_logprobs_from_hidden's default
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tau", type=float, default=1.0)
