@@ -26,6 +26,12 @@ from .algorithms import (
 )
 from .kl import KL_ESTIMATORS, categorical_kl, kl_estimate, kl_k1, kl_k2, kl_k3
 from .logprobs import token_entropy, token_logprobs
+from .fused_logprobs import (
+    token_entropy_from_hidden,
+    token_logprobs_and_entropy,
+    token_logprobs_and_entropy_from_hidden,
+    token_logprobs_from_hidden,
+)
 from .masks import masked_mean, masked_sum, masked_var, masked_whiten, response_mask
 from .surrogate import policy_loss
 from .ppo import entropy_bonus, kl_in_reward, value_loss

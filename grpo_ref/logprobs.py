@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import NonFiniteInputError, _first_bad, as_float, check_ids, check_int, check_real, check_tensor
+from ._checks import NonFiniteInputError, _first_bad, check_ids, check_int, check_real, check_tensor
 
 
 def _check_logits(name: str, logits) -> torch.Tensor:
@@ -48,17 +48,6 @@ def _check_result(out: torch.Tensor, logits: torch.Tensor, tokens: Optional[torc
     raise NonFiniteInputError("logits", f"logits / temperature overflows to a non-finite result ({_first_bad(~torch.isfinite(out), out)})")
 
 
-def _rows(logits: torch.Tensor) -> torch.Tensor:
-    return logits.reshape(-1, logits.shape[-1])
-
-
-def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``chunk / tau`` in at least float32. For float32 logits at ``tau == 1`` this is a view (no copy), so
-    autograd saves only views of the caller's logits; otherwise each chunk is one float32 copy."""
-    z = as_float(chunk)
-    return z if temperature == 1.0 else z / temperature
-
-
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
 ) -> torch.Tensor:
@@ -73,9 +62,9 @@ def token_logprobs(
         temperature: the sampling temperature ``tau``, finite and ``> 0``; logits are divided by it, as in
             PPO-RLHF and TRL, so that the log-probs are those of the distribution that was sampled.
         chunk_size: int ``>= 1``, rows (positions) processed at once; bounds the working memory of the forward pass to
-            ``chunk_size * V`` floats whatever ``B * T`` is. (With gradients, autograd keeps what backward needs:
-            nothing extra for float32 logits at ``tau = 1``, a float32 copy of the logits otherwise, the same as
-            ``log_softmax`` would.)
+            ``chunk_size * V`` floats whatever ``B * T`` is. (With gradients, the backward is hand-written and
+            chunked too: it saves the logits without a copy and ``[N]`` floats, and writes the gradient into one
+            ``[..., V]`` buffer in the logits' dtype; :mod:`grpo_ref.fused_logprobs` has the equations.)
 
     Returns:
         ``[...]`` float32 (float64 for float64 logits) log-probabilities, differentiable w.r.t. ``logits``.
@@ -93,17 +82,9 @@ def token_logprobs(
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_size: int) -> torch.Tensor:
-    """:func:`token_logprobs` without the checks (``tokens`` int64)."""
-    rows = _rows(logits)
-    ids = tokens.reshape(-1)
-    out = []
-    for start in range(0, rows.shape[0], chunk_size):
-        z = _scaled(rows[start : start + chunk_size], temperature)
-        chosen = z.gather(-1, ids[start : start + chunk_size, None])[:, 0]
-        out.append(chosen - torch.logsumexp(z, dim=-1))
-    if not out:
-        return torch.zeros(tokens.shape, dtype=as_float(rows).dtype, device=logits.device)
-    return torch.cat(out).reshape(tokens.shape)
+    """:func:`token_logprobs` without the checks (``tokens`` int64): the chunked forward of
+    :mod:`grpo_ref.fused_logprobs`, and its hand-written chunked backward when ``logits`` require grad."""
+    return _logits_apply(logits, tokens, temperature, chunk_size, True, False)[0]
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
@@ -122,14 +103,9 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
 
 
 def _token_entropy(logits: torch.Tensor, temperature: float, chunk_size: int) -> torch.Tensor:
-    """:func:`token_entropy` without the checks."""
-    rows = _rows(logits)
-    out = []
-    for start in range(0, rows.shape[0], chunk_size):
-        z = _scaled(rows[start : start + chunk_size], temperature)
-        p = torch.softmax(z, -1)
-        # tokens with p = 0 (logit -inf, e.g. top-k masking) contribute 0, not 0 * -inf = NaN
-        out.append(torch.logsumexp(z, -1) - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1))
-    if not out:
-        return torch.zeros(logits.shape[:-1], dtype=as_float(rows).dtype, device=logits.device)
-    return torch.cat(out).reshape(logits.shape[:-1])
+    """:func:`token_entropy` without the checks (chunked forward and backward of :mod:`grpo_ref.fused_logprobs`)."""
+    return _logits_apply(logits, None, temperature, chunk_size, False, True)[1]
+
+
+# after the definitions above, which it imports (the checks), so either module may be imported first
+from .fused_logprobs import _logits_apply  # noqa: E402
