@@ -274,7 +274,7 @@ def token_logprobs_and_entropy(
     """Log-probabilities of the taken tokens and entropies of every position, in one chunked pass over ``logits``.
 
     Args:
-        logits: ``[..., V]`` any float dtype (see :func:`grpo_ref.token_logprobs`: -inf entries allowed; NaN, +inf
+        logits: ``[..., V]`` any float dtype (see :func:`grpo_ref.logprobs.token_logprobs`: -inf entries allowed; NaN, +inf
             and rows that are -inf everywhere refused).
         tokens: ``[...]`` integer ids in ``[0, V)``, ``logits.shape[:-1]``.
         temperature: ``tau``, finite ``> 0``; chunk_size: int ``>= 1`` rows per chunk (both passes).
@@ -465,7 +465,7 @@ def token_logprobs_from_hidden(
         ``[...]`` float32 (float64 for float64 inputs) log-probs; gradients flow to ``hidden``, ``weight`` and
         ``bias`` in their dtype. Equals ``token_logprobs(hidden @ weight.T + bias, tokens, temperature)``.
         Non-finite inputs (NaN/inf in hidden or weight, NaN/+inf in bias) or a chosen token of probability 0 raise
-        ``ValueError`` (:class:`~grpo_ref._checks.NonFiniteInputError`) naming the argument; they are looked
+        ``ValueError`` (``NonFiniteInputError``) naming the argument; they are looked
         for only when the result is not finite, so valid inputs cost no extra pass.
     """
     return _hidden_apply(hidden, weight, tokens, bias, temperature, chunk_size, True, False)[0]

@@ -71,3 +71,12 @@ def test_kv_cache_benchmark_smoke_run(tmp_path):
     out = tmp_path / "kv.txt"
     printed = run_script("kv_cache.py", "--new-tokens", "4", "--batch", "2", "--repeats", "1", "--out", str(out))
     assert "same tokens: True" in printed and out.read_text().strip() == printed.strip()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory is read from Linux's /proc")
+def test_logprobs_speed_benchmark_smoke_run():
+    printed = run_script("logprobs_speed.py", "--small", "--repeats", "1")
+    for method in ("naive", "fused"):
+        assert method in printed
+    committed_text = (BENCH / "results" / "logprobs_speed.txt").read_text()
+    assert "x naive" in printed and "x naive" in committed_text
