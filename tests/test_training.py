@@ -331,8 +331,12 @@ def one_thread():
 
 @pytest.mark.slow
 def test_grpo_raises_eval_accuracy_from_the_warm_start(one_thread):
-    """Warm start (SFT until ~20% train accuracy), then 200 GRPO steps with the package defaults: greedy eval
-    accuracy on 256 held-out sums must rise by at least 15 points (measured: 0.23 -> 0.48)."""
+    """Warm start (SFT until ~20% train accuracy), then 250 GRPO steps with the package defaults: greedy eval
+    accuracy on 256 held-out sums must rise by at least 15 points.
+
+    The run is chaotic (another CPU gives another curve from the same seed), so the step count comes from the
+    three committed seeds of ``benchmarks/grpo_vs_ppo.py``, which stand for what other machines may see: after 200
+    steps seed 2 had gained only 0.11, after 250 steps the smallest gain of the three is 0.38 (seed 0 here: +0.52)."""
     task = AdditionTask(n_digits=2, eval_size=256)
     policy = warm_start_policy(task, target_accuracy=0.2, seed=0)
     cfg = TrainConfig(algo="grpo", steps=LEARNING_STEPS, eval_every=LEARNING_STEPS, seed=0)
@@ -344,7 +348,7 @@ def test_grpo_raises_eval_accuracy_from_the_warm_start(one_thread):
     assert end >= start + 0.15, f"GRPO did not learn: eval accuracy {start:.3f} -> {end:.3f}"
 
 
-LEARNING_STEPS = 200
+LEARNING_STEPS = 250
 
 
 def test_supervised_warm_start_target_stops_early():
