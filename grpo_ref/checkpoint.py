@@ -17,6 +17,8 @@ from typing import Any, Dict
 
 import torch
 
+from ._files import atomic_write
+
 FORMAT = 2
 logger = logging.getLogger(__name__)
 
@@ -33,19 +35,7 @@ def write_checkpoint(state: Dict[str, Any], path: str) -> None:
     wrapped = io.BytesIO()
     torch.save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
                 "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, wrapped)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(wrapped.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, wrapped.getvalue())
 
 
 def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:

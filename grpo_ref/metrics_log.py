@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ._files import atomic_write
+
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
@@ -77,16 +79,4 @@ def sync_metrics(path: str, history: Sequence[Dict[str, float]]) -> None:
         if extra:
             logger.warning("%s: dropped %d line(s) of steps %d-%d, logged after the checkpoint of step %d",
                            path, len(extra), extra[0], extra[-1], last)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(rec) + "\n" for rec in history)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in history))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_ref import checkpoint as checkpoint_module
+from grpo_ref import _files as files_module
 from grpo_ref.__main__ import main
 from grpo_ref.checkpoint import read_checkpoint
 from grpo_ref.tasks import AdditionTask
@@ -190,7 +190,7 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_checkpoint(capsy
     def full(path, mode="r", *a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(checkpoint_module, "open", full, raising=False)
+    monkeypatch.setattr(files_module, "open", full, raising=False)
     code, _, err = _run(capsys, "train", "--out", run, "--resume", "--steps", "3", "--no-progress")
     assert code == 1 and "No space left on device" in _one_error_line(err)
     assert (run / "checkpoint.pt").read_bytes() == good

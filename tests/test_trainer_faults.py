@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from grpo_ref import checkpoint as checkpoint_module
+from grpo_ref import _files as files_module
 from grpo_ref import trainer as trainer_module
 from grpo_ref.checkpoint import CheckpointError, read_checkpoint
 from grpo_ref.metrics_log import MetricsFileError
@@ -357,7 +357,7 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp
     good = path.read_bytes()
     t.step()
     real_open = open
-    monkeypatch.setattr(checkpoint_module, "open", lambda p, mode="r", *a, **kw: _FullDisk(real_open(p, mode, *a, **kw), 0),
+    monkeypatch.setattr(files_module, "open", lambda p, mode="r", *a, **kw: _FullDisk(real_open(p, mode, *a, **kw), 0),
                         raising=False)
     with pytest.raises(OSError, match="No space left"):
         t.save(str(path))
