@@ -242,3 +242,11 @@ def check_ids(name: str, ids, vocab_size: Optional[int] = None) -> torch.Tensor:
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
     return ids
+
+
+def clamp(x: torch.Tensor, lo: Optional[float], hi: Optional[float]) -> torch.Tensor:
+    """``x.clamp(lo, hi)`` with Python-float bounds cut to ``x``'s finite range: a validated bound such as
+    ``max_log_ratio = 3.5e38`` is legal but does not fit in float32, where torch would raise; no finite value of
+    ``x`` lies beyond its dtype's largest one, so the result is that of the exact bound."""
+    big = torch.finfo(x.dtype).max
+    return x.clamp(None if lo is None else max(lo, -big), None if hi is None else min(hi, big))

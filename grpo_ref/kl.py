@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import NonFiniteInputError, _first_bad, as_float, check_choice, check_finite, check_float_tensor, check_optional_real, check_same_shape
+from ._checks import NonFiniteInputError, _first_bad, as_float, clamp, check_choice, check_finite, check_float_tensor, check_optional_real, check_same_shape
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -47,7 +47,7 @@ def _log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Option
     """``ref - lp`` in at least float32, optionally clamped to ``[-max_log_ratio, max_log_ratio]``."""
     d = as_float(ref_logp) - as_float(logp)
     if max_log_ratio is not None:
-        d = d.clamp(-max_log_ratio, max_log_ratio)
+        d = clamp(d, -max_log_ratio, max_log_ratio)
     return d
 
 

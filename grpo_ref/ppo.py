@@ -5,7 +5,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_2d, check_choice, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_tensor
+from ._checks import as_float, clamp, check_2d, check_choice, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_tensor
 from .aggregation import _aggregate, _check_aggregate_args
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean
@@ -53,7 +53,7 @@ def _value_loss(v, old, ret, m, clip_range, loss_agg_mode, norm):
     if clip_range is None:
         per_token, clipped_frac = err, torch.zeros_like(err)
     else:
-        v_clip = old + (v - old).clamp(-clip_range, clip_range)
+        v_clip = old + clamp(v - old, -clip_range, clip_range)
         err_clip = (v_clip - ret) ** 2
         per_token = torch.maximum(err, err_clip)
         clipped_frac = (err_clip > err).to(v.dtype)

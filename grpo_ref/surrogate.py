@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, check_choice, check_scalar_result, check_finite, check_float_tensor, check_optional_real, check_real, check_same_shape, check_2d
+from ._checks import as_float, clamp, check_choice, check_scalar_result, check_finite, check_float_tensor, check_optional_real, check_real, check_same_shape, check_2d
 from .aggregation import _aggregate, _check_aggregate_args
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean
@@ -147,11 +147,11 @@ def _policy_loss(
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     # log-ratio only where the mask is on: padding may hold garbage log-probs (even inf)
     raw = torch.where(on, lp - old, zero)
-    log_ratio = raw.clamp(-max_log_ratio, max_log_ratio)
+    log_ratio = clamp(raw, -max_log_ratio, max_log_ratio)
     token_log_ratio = log_ratio.detach()  # for approx_kl, whatever the ratio level
     if ratio_level == "sequence":
         seq_raw = log_ratio.sum(-1) / m.sum(-1).clamp_min(1.0)
-        seq_log_ratio = seq_raw.clamp(-max_log_ratio, max_log_ratio)
+        seq_log_ratio = clamp(seq_raw, -max_log_ratio, max_log_ratio)
         # GSPO-token form: value sg[log s_i], gradient d lp_t / L_i-weighted by the aggregation; no gradient
         # where a clamp is active (as for the clamped sequence objective itself)
         free = on & (raw.abs() < max_log_ratio) & (seq_raw.abs() < max_log_ratio)[:, None]
@@ -161,7 +161,7 @@ def _policy_loss(
 
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
     pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(lo, hi)
+    pg_clipped = -adv * clamp(ratio, lo, hi)
     pg = torch.maximum(pg_unclipped, pg_clipped)
     dual_active = torch.zeros_like(on)
     if dual_clip is not None:

@@ -789,3 +789,18 @@ def test_math_layer_does_not_import_the_loop_layer():
         tree = ast.parse((pkg / f"{name}.py").read_text())
         imported = {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level and node.module}
         assert not imported & loop, (name, imported & loop)
+
+
+@pytest.mark.parametrize("bound", [3.402823466385289e38, 1e300])
+def test_bounds_beyond_float32_are_legal_and_act_as_no_bound(bound):
+    """A validated bound larger than float32's largest value (found by hypothesis: max_log_ratio = 3.4028234663852890e38,
+    just past it) must not make torch's clamp raise; it clamps nothing that float32 can hold."""
+    g = torch.Generator().manual_seed(0)
+    lp, old = -torch.rand(4, 5, generator=g), -torch.rand(4, 5, generator=g)
+    adv, m = torch.randn(4, 5, generator=g), torch.ones(4, 5)
+    wide, _ = G.policy_loss(lp, old, adv, m, eps_low=0.2, eps_high=bound, max_log_ratio=bound, ref_logp=old, kl_coef=0.1)
+    loose, _ = G.policy_loss(lp, old, adv, m, eps_low=0.2, eps_high=1e30, max_log_ratio=1e30, ref_logp=old, kl_coef=0.1)
+    assert torch.isfinite(wide) and torch.equal(wide, loose)
+    assert torch.isfinite(G.kl_k3(lp, old, max_log_ratio=bound)).all()
+    assert torch.isfinite(G.value_loss(torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g),
+                                     torch.randn(4, 5, generator=g), m, clip_range=bound)[0])
