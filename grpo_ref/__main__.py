@@ -61,6 +61,15 @@ _TRAIN_OPTIONS = [
     ("--epochs", "epochs", int, _D.ppo_epochs, "mu, passes over each rollout batch"),
     ("--minibatches", "minibatches", int, _D.minibatches, "optimizer steps per epoch"),
     ("--temperature", "temperature", float, _D.temperature, "sampling temperature"),
+    ("--top-k", "top_k", int, _D.top_k, "sample from the k most likely tokens only, after the temperature (0: off)"),
+    ("--top-p", "top_p", float, _D.top_p, "nucleus sampling: the smallest set of most likely tokens with probability "
+     ">= p, in (0, 1] (1: off)"),
+    ("--min-p", "min_p", float, _D.min_p, "drop tokens with probability < min_p * the top token's, in [0, 1] (0: off); "
+     "the log-probs of the loss stay those of the unfiltered softmax(z / temperature), as in TRL and verl"),
+    ("--ref-sync-every", "ref_sync_every", int, _D.ref_sync_every, "every this many optimizer steps, move the KL "
+     "reference to the policy (TR-DPO; TRL ref_model_sync_steps; 0: never)"),
+    ("--ref-sync-alpha", "ref_sync_alpha", float, _D.ref_sync_alpha, "reference update ref = alpha * policy + "
+     "(1 - alpha) * ref, alpha in (0, 1] (TRL ref_model_mixup_alpha; 1: copy)"),
     ("--kl-coef", "kl_coef", float, None, "override the preset's kl_coef"),
     ("--eval-every", "eval_every", int, _D.eval_every, "steps between evaluations (0: never)"),
     ("--seed", "seed", int, _D.seed, "random seed"),
@@ -115,6 +124,8 @@ def _check_resume_args(args, given: List[str], trainer: Trainer) -> None:
         "algo": cfg.algo, "group_size": cfg.group_size, "prompts": cfg.prompts_per_step, "lr": cfg.lr,
         "critic_lr": cfg.critic_lr, "warmup_steps": cfg.warmup_steps, "epochs": cfg.ppo_epochs,
         "minibatches": cfg.minibatches, "temperature": cfg.temperature, "eval_every": cfg.eval_every,
+        "top_k": cfg.top_k, "top_p": cfg.top_p, "min_p": cfg.min_p, "ref_sync_every": cfg.ref_sync_every,
+        "ref_sync_alpha": cfg.ref_sync_alpha,
         "seed": cfg.seed, "device": cfg.device, "n_digits": getattr(trainer.task, "n_digits", None),
         "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
     }
@@ -181,6 +192,8 @@ def train(args) -> int:
                 prompts_per_step=args.prompts, steps=args.steps, lr=args.lr, critic_lr=args.critic_lr,
                 warmup_steps=args.warmup_steps, ppo_epochs=args.epochs, minibatches=args.minibatches,
                 temperature=args.temperature, eval_every=args.eval_every, seed=args.seed, device=args.device,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, ref_sync_every=args.ref_sync_every,
+                ref_sync_alpha=args.ref_sync_alpha,
             )
             task = AdditionTask(n_digits=args.n_digits, seed=0)  # one eval split for every --seed, so runs compare
             if not 0 <= args.warm_target <= 1 or args.warm_max_steps < 1:

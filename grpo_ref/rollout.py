@@ -2,7 +2,8 @@
 
 The seed outline scored random token ids that the policy never produced, so its "policy gradient" pushed on
 actions the policy did not take. Here every response token is *sampled from the policy* (at temperature ``tau``)
-and its log-probability under the distribution that was sampled, ``log softmax(z / tau)``, is kept.
+and its log-probability ``log softmax(z / tau)`` is kept (the distribution sampled, unless a top-k / top-p / min-p
+filter is on: :func:`generate` says which log-prob that is).
 
 Layout of a rollout batch (``B = n_prompts * G`` rows, the ``G`` completions of a prompt contiguous, the
 convention of :mod:`grpo_ref.advantages`):
@@ -39,11 +40,61 @@ class Generation:
     finished: torch.Tensor
 
 
-def _next_token(logits: torch.Tensor, temperature: float, greedy: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``[B, V]`` last-position logits -> ``[B]`` token ids (argmax if greedy, else a draw from softmax(z / tau))."""
+def check_sampling(top_k, top_p, min_p) -> Tuple[int, float, float]:
+    """Validate the sampling filters (``ValueError`` naming the argument and value): ``top_k`` an int ``>= 0``
+    (bool refused; 0 = off), ``top_p`` a finite number in ``(0, 1]`` (1 = off), ``min_p`` a finite number in
+    ``[0, 1]`` (0 = off). NaN fails every range. Returns them as ``(int, float, float)``."""
+    check_int("top_k", top_k, lo=0)
+    top_p = check_real("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
+    min_p = check_real("min_p", min_p, lo=0.0, hi=1.0)
+    return int(top_k), top_p, min_p
+
+
+def filter_logits(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Top-k, then top-p (nucleus), then min-p filtering of temperature-scaled logits: ``[B, V] -> [B, V]`` with the
+    removed entries set to ``-inf`` (the kept ones unchanged).
+
+    The semantics of Hugging Face transformers' ``generate`` (``GenerationMixin._get_logits_processor`` builds, in
+    this order, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper`` of
+    ``transformers/generation/logits_process.py``, each with ``min_tokens_to_keep=1``), so ``scaled`` is
+    ``z / tau``. Each filter sees the output of the one before it:
+
+    * top-k (``top_k > 0``): keep the tokens whose logit is ``>=`` the ``k``-th largest (ties at the boundary are
+      all kept); ``k`` larger than ``V`` keeps everything;
+    * top-p (``top_p < 1``): sort the probabilities ``softmax(scaled)`` in ascending order and drop the tokens whose
+      cumulative probability (themselves and every smaller one) is ``<= 1 - top_p``; the kept set is the smallest
+      set of most likely tokens whose total probability is ``>= top_p``, and the most likely token is always kept;
+    * min-p (``min_p > 0``): drop the tokens with ``p < min_p * p_max`` (``p`` renormalised after the filters
+      before; the ratio ``p / p_max`` is the same either way); the most likely token is always kept.
+
+    With the defaults (``0, 1.0, 0.0``) ``scaled`` is returned as it is.
+    """
+    out = scaled
+    if top_k > 0:
+        k = min(top_k, out.shape[-1])
+        kth = out.topk(k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        asc, order = out.sort(dim=-1)
+        drop_sorted = asc.softmax(-1).cumsum(-1) <= 1.0 - top_p
+        drop_sorted[..., -1] = False  # the most likely token stays
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = out.softmax(-1)
+        drop = probs < min_p * probs.amax(-1, keepdim=True)
+        drop.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def _next_token(logits: torch.Tensor, temperature: float, greedy: bool, generator: Optional[torch.Generator],
+                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """``[B, V]`` last-position logits -> ``[B]`` token ids: argmax if greedy, else a draw from
+    ``softmax(filter_logits(z / tau, top_k, top_p, min_p))`` (:func:`filter_logits`)."""
     if greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p, min_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -59,6 +110,9 @@ def generate(
     greedy: bool = False,
     generator: Optional[torch.Generator] = None,
     use_cache: Optional[bool] = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> Generation:
     """Autoregressive sampling of up to ``max_new_tokens`` tokens per row, stopping a row at its first EOS.
 
@@ -66,6 +120,9 @@ def generate(
         model: any causal LM (see :func:`grpo_ref.model.lm_logits`).
         prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts and their 0/1 mask.
         temperature: ``tau > 0``; the log-probs returned are those of ``softmax(z / tau)`` (also when greedy).
+        top_k, top_p, min_p: the sampling filters of Hugging Face ``generate``, applied after the temperature
+            (:func:`filter_logits`); the defaults ``0, 1.0, 0.0`` switch them off and give exactly the samples of the
+            unfiltered sampler. Ignored when ``greedy`` (the argmax is always kept).
         greedy: take the argmax instead of sampling (evaluation).
         generator: the ``torch.Generator`` the draws come from (on the model's device); None = torch's global RNG.
         use_cache: reuse keys/values of the prefix (models with ``supports_kv_cache``, i.e. :class:`~grpo_ref.model.TinyGPT`);
@@ -73,10 +130,19 @@ def generate(
     Returns:
         :class:`Generation`; finished rows are padded with ``pad_id`` and masked out after their EOS.
 
+    Which log-probs: ``logp`` is ``log softmax(z / tau)`` over the *full* vocabulary at the sampled token, also when a
+    filter is on, the convention of TRL 1.16.0 (``GRPOTrainer._get_per_token_logps_and_entropies`` scores through
+    the LM head patched by ``trl/trainer/utils.py add_fused_lm_head(temperature=...)``, which divides by the
+    temperature and applies no top-k/top-p/min-p) and of verl 0.9.1 (``verl/workers/engine/fsdp/transformer_impl.py``
+    ``_scale_logits_by_temperature``: the logits divided by the temperature, nothing else). So it equals the trainer's recomputed ``old_logp`` and the ratio ``pi_theta / pi_old`` is
+    exactly 1 before the first update. With a filter on it is *not* the log-probability of the distribution
+    actually sampled: that one is ``logp - log(kept mass)`` on kept tokens (``>= logp``), and 0 probability elsewhere.
+
     Refused (``ValueError`` naming the argument): ``prompt_ids`` that are not integer ``[B, P]`` with
     ``B, P >= 1``; a ``prompt_mask`` of another shape, with values other than 0/1 or with a row of no token;
     ``max_new_tokens``, ``eos_id``, ``pad_id`` that are not ints (bool included) in range; ``temperature``
-    NaN/inf/``<= 0``; ``greedy`` or ``use_cache`` not bools; ``generator`` not a ``torch.Generator``; logits of
+    NaN/inf/``<= 0``; ``top_k``, ``top_p``, ``min_p`` out of range (:func:`check_sampling`); ``greedy`` or
+    ``use_cache`` not bools; ``generator`` not a ``torch.Generator``; logits of
     the model that are NaN/inf (:func:`grpo_ref.logprobs.token_logprobs`' checks).
     """
     _check_prompts(prompt_ids, prompt_mask)
@@ -84,6 +150,7 @@ def generate(
     check_int("eos_id", eos_id, lo=0)
     check_int("pad_id", pad_id, lo=0)
     temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
+    top_k, top_p, min_p = check_sampling(top_k, top_p, min_p)
     check_bool("greedy", greedy)
     _check_generator(generator)
     if use_cache is not None:
@@ -107,7 +174,7 @@ def generate(
             logits = lm_logits(model, ids, attn)[:, -1]
         if not bool(torch.isfinite(logits).all()):  # [B, V] per step: the sampler needs finite probabilities
             raise ValueError(f"the model's logits at generation step {step} contain NaN or inf")
-        tok = _next_token(logits, temperature, greedy, generator)
+        tok = _next_token(logits, temperature, greedy, generator, top_k, top_p, min_p)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         logps.append(torch.where(done, 0.0, _token_logprobs(logits, tok, temperature, 1024)))
         tokens.append(tok)
@@ -210,6 +277,9 @@ def rollout(
     truncation_reward: float = -1.0,
     device: Optional[torch.device] = None,
     use_cache: Optional[bool] = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt of ``pairs`` and score them with ``task.score``.
 
@@ -223,11 +293,14 @@ def rollout(
             gradient from them, TRL's ``mask_truncated_completions``; their reward still enters the group
             statistics) or ``"penalize"`` (their reward becomes ``truncation_reward``).
         device: where the batch goes; default the model's device.
+        top_k, top_p, min_p: sampling filters after the temperature (:func:`generate`, :func:`filter_logits`);
+            ``sample_logp`` stays ``log softmax(z / tau)`` over the full vocabulary (see :func:`generate`).
     Returns:
         :class:`Rollout` with ``B = n_prompts * group_size`` rows.
 
     Refused (``ValueError``): ``group_size`` not an int ``>= 1`` (bool included), ``pairs`` not a tensor with
-    ``n_prompts >= 1`` rows, an unknown ``truncation``, a NaN/inf ``truncation_reward``, and everything
+    ``n_prompts >= 1`` rows, an unknown ``truncation``, a NaN/inf ``truncation_reward``, bad ``top_k`` / ``top_p`` /
+    ``min_p``, and everything
     :func:`generate` refuses (``max_new_tokens``, ``temperature``, ...).
     """
     check_int("group_size", group_size, lo=1)
@@ -236,6 +309,7 @@ def rollout(
     _check_pairs(pairs)
     check_int("max_new_tokens", max_new_tokens, lo=1)
     check_real("temperature", temperature, lo=0.0, lo_open=True)
+    top_k, top_p, min_p = check_sampling(top_k, top_p, min_p)
     if device is None:
         device = next(model.parameters()).device
     pairs = pairs.repeat_interleave(group_size, dim=0)
@@ -245,7 +319,8 @@ def rollout(
     model.eval()
     try:
         gen = generate(model, prompt_ids, prompt_mask, max_new_tokens, task.tokenizer.eos_id, task.tokenizer.pad_id,
-                       temperature=temperature, generator=generator, use_cache=use_cache)
+                       temperature=temperature, generator=generator, use_cache=use_cache,
+                       top_k=top_k, top_p=top_p, min_p=min_p)
     finally:
         model.train(was_training)
     rewards, correct = task.score(pairs, gen.tokens.cpu())

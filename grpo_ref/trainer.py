@@ -140,6 +140,22 @@ class TrainConfig:
     completions for each of 64 prompts per step (more distinct prompts per step beat larger groups here),
     AdamW at 3e-4 with 20 warm-up steps (without warm-up, Adam's first sign-like steps knock the SFT policy
     down before it improves), ``mu = 2`` epochs of 4 minibatches.
+
+    Sampling: ``top_k`` (0 = off), ``top_p`` in ``(0, 1]`` (1 = off), ``min_p`` in ``[0, 1]`` (0 = off) filter the
+    distribution the rollout samples from, after the temperature, as Hugging Face ``generate`` (TRL 1.16.0
+    ``GRPOConfig.top_k / top_p / min_p``); every log-prob the loss uses (sampling, ``pi_old``, ``pi_theta``,
+    ``pi_ref``) stays ``log softmax(z / tau)`` over the full vocabulary, as in TRL and verl
+    (:func:`grpo_ref.rollout.generate`).
+
+    Reference updates (TR-DPO, Gorbatovski et al., arXiv 2404.09656; TRL 1.16.0 ``sync_ref_model=True`` with
+    ``ref_model_sync_steps`` and ``ref_model_mixup_alpha``, whose defaults are 512 and 0.6): with
+    ``ref_sync_every = N > 0``, after every ``N``-th *optimizer* step (counted over the whole run, ``ppo_epochs x
+    minibatches`` per trainer step; TRL's ``SyncRefModelCallback.on_step_end`` tests ``state.global_step %
+    ref_model_sync_steps == 0``, and the Hugging Face Trainer's ``global_step`` counts optimizer steps) every
+    reference parameter becomes ``alpha * policy + (1 - alpha) * ref`` with ``alpha = ref_sync_alpha`` in ``(0, 1]``
+    (1 = a copy). Parameters only, not buffers, as TRL's ``_sync_target_model``. The reference log-probs of a batch
+    are computed once, before its updates, so a sync in the middle of a step first shows in the next step (TRL
+    computes ``ref_per_token_logps`` at generation time too). ``ref_sync_every = 0`` never changes the reference.
     """
 
     algo: str = "grpo"
@@ -163,6 +179,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     use_cache: Optional[bool] = None  # KV cache when sampling; None = if the model supports it
+    top_k: int = 0  # sampling filters after the temperature, Hugging Face generate's (grpo_ref.rollout.filter_logits)
+    top_p: float = 1.0
+    min_p: float = 0.0
+    ref_sync_every: int = 0  # TR-DPO reference update every this many optimizer steps (0: never)
+    ref_sync_alpha: float = 1.0  # ref <- alpha * policy + (1 - alpha) * ref
 
     def __post_init__(self) -> None:
         for name, hint in typing.get_type_hints(TrainConfig).items():
@@ -201,6 +222,11 @@ class TrainConfig:
             "max_new_tokens": self.max_new_tokens is None or self.max_new_tokens >= 1,
             "filter_rounds": self.filter_rounds >= 0,
             "eval_every": self.eval_every >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p <= 1,
+            "ref_sync_every": self.ref_sync_every >= 0,
+            "ref_sync_alpha": 0 < self.ref_sync_alpha <= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -283,6 +309,8 @@ class Trainer:
         self.policy = policy.to(self.device)
         self.reference = (copy.deepcopy(policy) if reference is None else reference).to(self.device)
         self.reference.eval().requires_grad_(False)
+        if config.ref_sync_every:
+            _check_same_parameters(self.policy, self.reference)
         self.uses_critic = self.algo.loss_fn == "ppo"
         self.critic = None
         if self.uses_critic:
@@ -295,6 +323,7 @@ class Trainer:
         self.prompt_generator = torch.Generator().manual_seed(config.seed)
         self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.step_count = 0
+        self.optimizer_steps = 0  # policy optimizer steps over the whole run (the clock of ref_sync_every)
         self.history: List[Dict[str, float]] = []
         self._where = ""  # the minibatch being updated, for error messages
 
@@ -305,7 +334,25 @@ class Trainer:
         if pairs is None:
             pairs = self.task.sample_train(cfg.prompts_per_step, self.prompt_generator)
         return rollout(self.policy, self.task, pairs, cfg.group_size, self.max_new_tokens, cfg.temperature,
-                       self.sample_generator, cfg.truncation, cfg.truncation_reward, self.device, cfg.use_cache)
+                       self.sample_generator, cfg.truncation, cfg.truncation_reward, self.device, cfg.use_cache,
+                       top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
+
+    def sync_reference(self) -> None:
+        """TR-DPO's soft update of the reference, in place: ``ref <- alpha * policy + (1 - alpha) * ref`` for every
+        parameter (``alpha = config.ref_sync_alpha``; alpha = 1 copies the policy exactly). TRL 1.16.0
+        ``SyncRefModelCallback._sync_target_model`` (parameters only, paired in order; here paired by name)."""
+        alpha = self.config.ref_sync_alpha
+        ref = dict(self.reference.named_parameters())
+        with torch.no_grad():
+            for name, p in self.policy.named_parameters():
+                ref[name].mul_(1.0 - alpha).add_(p.detach(), alpha=alpha)
+
+    def _after_optimizer_step(self) -> None:
+        """Count the optimizer step; every ``ref_sync_every``-th one syncs the reference (TRL: ``global_step % N == 0``)."""
+        self.optimizer_steps += 1
+        n = self.config.ref_sync_every
+        if n and self.optimizer_steps % n == 0:
+            self.sync_reference()
 
     def evaluate(self, pairs: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Greedy accuracy and mean reward on the eval split (or ``pairs``): ``{"eval_accuracy", "eval_reward"}``."""
@@ -365,6 +412,7 @@ class Trainer:
             "rng": (self.prompt_generator.get_state(), self.sample_generator.get_state(), torch.get_rng_state()),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step_count": self.step_count,
+            "optimizer_steps": self.optimizer_steps,
             "history": (self.history, len(self.history)),  # a step only appends; a load replaces the list
         }
         if with_reference:
@@ -389,6 +437,7 @@ class Trainer:
         if snap["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(snap["cuda_rng"])
         self.step_count = snap["step_count"]
+        self.optimizer_steps = snap["optimizer_steps"]
         self.history, n = snap["history"]
         del self.history[n:]
 
@@ -413,7 +462,7 @@ class Trainer:
         All or nothing: if anything raises (``NonFiniteError``, an error in the reward, ``KeyboardInterrupt``),
         the trainer is first put back exactly as it was before the call.
         """
-        snap = self._snapshot()
+        snap = self._snapshot(with_reference=bool(self.config.ref_sync_every))  # a sync changes the reference
         self._where = ""
         try:
             return self._step()
@@ -454,6 +503,9 @@ class Trainer:
 
         b = batch.rewards.numel()
         n_mb = min(cfg.minibatches, b)
+        extra: Dict[str, float] = {}
+        if getattr(algo, "global_token_norm", False):
+            extra["num_tokens"] = global_token_normaliser(mask, n_mb)
         sums: Dict[str, float] = {}
         grad_norms, critic_norms = [], []
         for epoch in range(cfg.ppo_epochs):
@@ -467,7 +519,7 @@ class Trainer:
                     logp=logp, old_logp=old_logp[rows], advantages=adv[rows], mask=mask[rows], ref_logp=ref_logp[rows],
                     entropy=entropy, values=values,
                     old_values=None if old_values is None else old_values[rows],
-                    returns=None if returns is None else returns[rows],
+                    returns=None if returns is None else returns[rows], **extra,
                 )
                 loss, loss_metrics = compute_loss(inp, algo)
                 self._check("loss", loss.detach(), where)
@@ -484,6 +536,7 @@ class Trainer:
                 self.optimizer.step()
                 if self.critic_optimizer is not None:
                     self.critic_optimizer.step()
+                self._after_optimizer_step()
                 self._check_params(self.step_count + 1, f" after the optimizer step{where}")
                 grad_norms.append(float(grad_norm))
                 for name, v in loss_metrics.items():
@@ -606,6 +659,7 @@ class Trainer:
         return {
             "format": 1,
             "step": self.step_count,
+            "optimizer_steps": self.optimizer_steps,
             "config": self.config.to_dict(),
             "task": self.task.to_dict() if hasattr(self.task, "to_dict") else None,
             "model_config": model_config,
@@ -628,8 +682,10 @@ class Trainer:
         if missing:
             raise ValueError(f"checkpoint lacks {missing}")
         # ``steps`` (the run's length) may differ: it changes no number of the steps already taken
+        # a field the checkpoint lacks (written before the field existed) had its default then
+        defaults = TrainConfig().to_dict() if isinstance(state["config"], dict) else {}
         mine = {k: v for k, v in self.config.to_dict().items() if k != "steps"}
-        theirs = {k: v for k, v in state["config"].items() if k != "steps"} if isinstance(state["config"], dict) else {}
+        theirs = {k: v for k, v in {**defaults, **state["config"]}.items() if k != "steps"} if isinstance(state["config"], dict) else {}
         if theirs != mine:
             diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
             raise ValueError(f"checkpoint was written with a different TrainConfig (fields {diff}: "
@@ -678,6 +734,7 @@ class Trainer:
             if "torch_cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["torch_cuda"])
             self.step_count = int(state["step"])
+            self.optimizer_steps = int(state["optimizer_steps"]) if "optimizer_steps" in state else _adam_steps(self.optimizer)
             self.history = [dict(h) for h in state["history"]]
         except BaseException as e:
             self._restore(snap)
@@ -712,6 +769,36 @@ class Trainer:
         trainer = cls(policy, task, config)
         trainer.load_state_dict(state)
         return trainer
+
+
+def global_token_normaliser(mask: torch.Tensor, n_minibatches: int) -> float:
+    """``LossInputs.num_tokens`` of every minibatch under ``AlgoConfig.global_token_norm``: the rollout batch's
+    loss-token count (``mask [B, N]`` summed, at least 1) divided by the number of minibatches.
+
+    TRL 1.16.0 ``GRPOTrainer._compute_loss``, ``loss_type="dapo"`` / ``"cispo"``: the normaliser is
+    ``num_items_in_batch.clamp(min=1) / num_processes * gradient_accumulation_steps / steps_per_generation``,
+    ``num_items_in_batch`` the generation batch's ``loss_mask`` sum. One process, one micro-batch per optimizer step
+    and ``steps_per_generation = minibatches`` give this. Each minibatch's loss is its token sum over the batch's
+    mean tokens per minibatch, so the ``n_minibatches`` gradients of one epoch add up to ``n_minibatches`` times
+    the gradient of one token-mean over the whole batch (their mean equals it), whatever the minibatches' lengths.
+    """
+    return max(float(mask.sum()), 1.0) / n_minibatches
+
+
+def _check_same_parameters(policy: nn.Module, reference: nn.Module) -> None:
+    """``ValueError`` unless ``reference`` has the policy's parameter names and shapes (needed by ``ref_sync_every``)."""
+    ours = {k: tuple(v.shape) for k, v in policy.named_parameters()}
+    theirs = {k: tuple(v.shape) for k, v in reference.named_parameters()}
+    if ours != theirs:
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ValueError("ref_sync_every needs a reference with the policy's parameters; they differ at "
+                         + ", ".join(f"{k} ({ours.get(k)} in the policy, {theirs.get(k)} in the reference)" for k in diff[:3]))
+
+
+def _adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Optimizer steps taken, read from Adam's per-parameter ``step`` (for checkpoints older than ``optimizer_steps``)."""
+    steps = [int(st["step"]) for st in optimizer.state.values() if "step" in st]
+    return max(steps, default=0)
 
 
 def _copy_optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
