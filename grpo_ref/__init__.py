@@ -4,6 +4,7 @@ Every function takes batched ``[B, T]`` tensors with a response mask and cites t
 convention it implements. See the book's API chapter for the tour.
 """
 from .advantages import (
+    combine_rewards,
     discounted_returns,
     gae_advantages,
     grpo_advantages,

@@ -276,3 +276,143 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) 
     soft = max_length - cache_length
     pen = (soft - lengths) / cache_length
     return torch.where(lengths <= soft, torch.zeros_like(pen), torch.where(lengths <= max_length, pen, -torch.ones_like(pen)))
+
+
+# -- unscorable completions (NaN rewards) and several reward functions ------------------------------------------------
+#
+# TRL 1.16.0 (trl/trainer/grpo_trainer.py, GRPOTrainer._generate_and_score_completions) marks a completion for which
+# every reward function returned None as unscorable (NaN), takes the group statistics over the scorable members only
+# (torch.nanmean and trl/trainer/utils.py nanstd, the Bessel-corrected std of the non-NaN entries), and finally sets
+# the advantage of every unscorable completion to 0 (nan_to_num). The functions below do the same with our
+# conventions (exact 0 for a group whose scorable rewards are all equal, as _centred does for complete groups).
+
+
+def _nan_centred(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``g: [n, G]`` with NaN for unscorable members -> ``(centred, valid, n_valid)``: ``R - mean(scorable R)`` at
+    scorable members and exactly 0 elsewhere, also 0 in groups whose scorable rewards are all equal (none, one,
+    or several equal ones); ``valid`` the bool ``[n, G]`` of scorable members and ``n_valid`` their ``[n, 1]`` count."""
+    valid = ~torch.isnan(g)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    n = valid.sum(-1, keepdim=True)
+    x = torch.where(valid, g, zero)
+    mean = x.sum(-1, keepdim=True) / n.clamp_min(1)
+    big = torch.where(valid, g, -torch.inf).amax(-1, keepdim=True) if g.shape[-1] else x
+    small = torch.where(valid, g, torch.inf).amin(-1, keepdim=True) if g.shape[-1] else x
+    flat = (n <= 1) | (big == small)
+    return torch.where(valid & ~flat, g - mean, zero), valid, n
+
+
+def _nan_std(centred: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected std of the scorable members from their centred values (0 where they are fewer than two;
+    the advantage is then 0 anyway: such a group is flat)."""
+    return ((centred ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+
+
+def _nan_grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> torch.Tensor:
+    """:func:`grpo_advantages` for ``rewards: [B]`` that may hold NaN (unscorable): mean and std over the scorable
+    members of each group (``scale="batch"``: std over every scorable reward of the batch); an unscorable
+    completion gets exactly 0, and so does every member of a group with fewer than two distinct scorable rewards.
+    Unchecked (``rewards`` finite or NaN, ``group_size`` dividing ``B``)."""
+    g = _grouped(as_float(rewards), group_size)
+    centred, valid, n = _nan_centred(g)
+    if scale == "group":
+        centred = centred / (_nan_std(centred, n) + eps)
+    elif scale == "batch":
+        flat_c, flat_n = _nan_centred(g.reshape(1, -1))[0], valid.sum().reshape(1, 1)
+        centred = centred / (_nan_std(flat_c, flat_n) + eps)
+    return torch.nan_to_num(centred, nan=0.0).reshape(-1)  # 0 / (0 + 0) when eps == 0
+
+
+def _nan_rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`rloo_advantages` over the scorable members: ``A_i = R_i - mean_{j != i, scorable} R_j
+    = n/(n-1) (R_i - mean)`` with ``n`` the group's scorable count; 0 for unscorable members and for ``n <= 1``."""
+    centred, _, n = _nan_centred(_grouped(as_float(rewards), group_size))
+    return (centred * (n / (n - 1).clamp_min(1))).reshape(-1)
+
+
+def _nan_reinforce_pp_baseline(seq_scores: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE++-baseline (as :func:`reinforce_pp_advantages` with ``group_size``) with NaN sequence scores:
+    centred over the scorable group members, whitened over the tokens of the scorable completions only; the tokens
+    of an unscorable completion get exactly 0. ``seq_scores: [B]``, ``mask: [B, T]`` float -> ``[B, T]``."""
+    centred, valid, _ = _nan_centred(_grouped(seq_scores, group_size))
+    m = mask * valid.reshape(-1, 1).to(mask.dtype)
+    return _masked_whiten(centred.reshape(-1, 1) * m, m)
+
+
+MULTI_REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def combine_rewards(
+    rewards: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    group_size: int = 8,
+    aggregation: str = "sum_then_normalize",
+    scale: Optional[str] = None,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Advantages from ``K`` reward functions, as TRL 1.16.0 ``GRPOTrainer._generate_and_score_completions``
+    (``multi_objective_aggregation``, ``reward_weights``, ``scale_rewards``; trl/trainer/grpo_trainer.py).
+
+    A NaN is a reward function that returned None for that completion. A row that is NaN everywhere is an
+    unscorable completion: it is left out of every statistic and its advantage is exactly 0.
+
+    * ``"sum_then_normalize"`` (TRL's default): ``R_i = nansum_k w_k r_ik``, then the group-relative advantage of
+      :func:`grpo_advantages` with ``scale`` (``"group"``: group mean and std; ``"batch"``: group mean, std of the
+      batch; ``"none"``: group mean only), statistics over the scorable completions (TRL ``nanmean``/``nanstd``).
+    * ``"normalize_then_sum"`` (GDPO-style): each reward function is standardised within the group over the
+      completions it scored, ``z_ik = (r_ik - mean_k) / (std_k + eps)`` (0 where it gave None), then
+      ``R_i = sum_k w_k z_ik`` is standardised over the whole batch, ``(R_i - mean(R)) / (std(R) + eps)``. TRL
+      1.16.0 does this last step whatever ``scale_rewards`` is, so here ``scale`` must be None or ``"batch"``.
+
+    Stds are Bessel-corrected; a set with fewer than two distinct values gives 0 (TRL: its NaN std becomes an
+    advantage of 0 through ``nan_to_num``, its zero std a zero numerator).
+
+    Args:
+        rewards: ``[B, K]`` real, finite or NaN (``+-inf`` refused); groups of ``group_size`` contiguous rows.
+        weights: ``[K]`` finite real weights (TRL ``reward_weights``), None for all ones.
+        group_size: an int ``>= 2`` dividing ``B``.
+        aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"``.
+        scale: None (TRL's behaviour: ``"group"`` for ``sum_then_normalize``, the batch step for
+            ``normalize_then_sum``), or ``"group"`` / ``"batch"`` / ``"none"`` (see above).
+        eps: finite ``>= 0``, added to every std (TRL 1.16.0: 1e-4).
+    Returns:
+        ``[B]`` advantages, at least float32 (empty for ``B = 0``).
+    Refused with a ``ValueError`` naming the argument: ``rewards`` not 2-D or holding ``+-inf``, ``weights`` not
+    ``[K]`` or not finite, a bad ``group_size``, ``aggregation``, ``scale`` (or ``scale`` other than None/"batch"
+    under ``normalize_then_sum``) or ``eps``.
+    """
+    check_choice("aggregation", aggregation, MULTI_REWARD_AGGREGATIONS)
+    if scale is not None:
+        check_choice("scale", scale, ADV_SCALES, what="advantage scale")
+    if aggregation == "normalize_then_sum" and scale not in (None, "batch"):
+        raise ValueError(f"scale={scale!r} does not apply to aggregation='normalize_then_sum', which standardises the "
+                         "weighted sum over the batch (TRL 1.16.0 ignores scale_rewards there): pass scale=None or 'batch'")
+    eps = check_real("eps", eps, lo=0.0)
+    check_float_tensor("rewards", rewards)
+    check_2d("rewards", rewards)
+    r = as_float(rewards)
+    check_finite("rewards", r, where=~torch.isnan(r))
+    b, k = r.shape
+    check_group_size(b, group_size, 2, batch_name="rewards")
+    if weights is None:
+        w = torch.ones(k, dtype=r.dtype, device=r.device)
+    else:
+        check_float_tensor("weights", weights)
+        check_dim("weights", weights, 1, "[K]")
+        if weights.shape[0] != k:
+            raise ValueError(f"weights must be [K] = [{k}] (one per reward function), got shape {tuple(weights.shape)}")
+        check_finite("weights", weights)
+        w = as_float(weights).detach().to(device=r.device, dtype=torch.promote_types(r.dtype, as_float(weights).dtype))
+        r = r.to(w.dtype)
+    if b == 0:
+        return torch.zeros(0, dtype=r.dtype, device=r.device)
+    unscorable = torch.isnan(r).all(-1) if k else torch.ones(b, dtype=torch.bool, device=r.device)
+    nan = torch.full((), torch.nan, dtype=r.dtype, device=r.device)
+    if aggregation == "sum_then_normalize":
+        total = torch.where(unscorable, nan, torch.nansum(r * w, dim=-1))
+        return _nan_grpo_advantages(total, group_size, scale or "group", eps)
+    g = r.reshape(b // group_size, group_size, k).transpose(1, 2)  # [n, K, G]: one set per group and function
+    centred, _, n = _nan_centred(g)
+    z = (centred / (_nan_std(centred, n) + eps)).transpose(1, 2).reshape(b, k)
+    total = torch.where(unscorable, nan, (torch.nan_to_num(z, nan=0.0) * w).sum(-1))
+    return _nan_grpo_advantages(total, b, "group", eps)  # the batch as one group: TRL's batch mean and batch std

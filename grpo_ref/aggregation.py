@@ -9,7 +9,14 @@ mode                           scalar                                           
 ``token-mean``                 ``sum_{i,t} m l / max(1, sum_{i,t} m)``           DAPO [``bnpo``; ``dapo`` across processes]
 ``seq-mean-token-sum-norm``    ``(1/B) sum_i sum_t m l / norm_length``           Dr. GRPO [``dr_grpo``]
 ``seq-mean-token-sum``         ``(1/B) sum_i sum_t m l``                         REINFORCE-style sums
+``token-sum``                  ``sum_{i,t} m l``                                 verl 0.9.1 ``agg_loss`` ``"token-sum"``
 =============================  ================================================  ==========================================
+
+``token-mean`` with a global normaliser: ``num_tokens`` (given from outside, e.g. the rollout batch's token
+count divided by the number of minibatches) replaces this minibatch's own count ``sum_{i,t} m``. That is TRL
+1.16.0's ``loss_type="dapo"``/``"cispo"`` (``GRPOTrainer._compute_loss`` divides by ``num_items_in_batch``, the
+generation batch's token count, scaled to one optimizer step) and verl 0.9.1's ``agg_loss(...,
+batch_num_tokens=...)``: every token of a rollout then weighs the same, whichever minibatch it falls in.
 
 ``norm_length`` should be a constant of the run (the generation budget, TRL's ``max_completion_length``);
 it defaults to ``T = mask.shape[-1]``, which is verl's default ``loss_scale_factor`` and is only constant if the
@@ -25,7 +32,7 @@ import torch
 
 from ._checks import as_float, check_2d, check_choice, check_finite, check_mask, check_optional_real
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 
 
 def _check_aggregate_args(
@@ -44,27 +51,46 @@ def _check_aggregate_args(
     return values, m, norm
 
 
+def check_num_tokens(num_tokens, loss_agg_mode: str) -> Optional[float]:
+    """``num_tokens``: None, or a finite number ``> 0`` (a 0-dim tensor is read as its value), only under
+    ``loss_agg_mode="token-mean"``; returned as a float."""
+    num = check_optional_real("num_tokens", num_tokens, lo=0.0, lo_open=True)
+    if num is not None and loss_agg_mode != "token-mean":
+        raise ValueError(f"num_tokens (a global token normaliser) only applies to loss_agg_mode='token-mean', got "
+                         f"loss_agg_mode={loss_agg_mode!r}")
+    return num
+
+
 def aggregate(
-    loss_mat: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, norm_length: Optional[float] = None
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    loss_agg_mode: str,
+    norm_length: Optional[float] = None,
+    num_tokens: Optional[float] = None,
 ) -> torch.Tensor:
     """Reduce per-token losses ``loss_mat: [B, T]`` under ``mask: [B, T]`` to a scalar, by ``loss_agg_mode``
     (table above).
 
-    ``norm_length``: None (``T``) or a finite number ``> 0``. Refused (``ValueError``): an unknown mode, a
+    ``norm_length``: None (``T``) or a finite number ``> 0``. ``num_tokens``: None (this batch's token count) or
+    a finite number ``> 0``, the global normaliser of ``token-mean`` (refused under the other modes). Refused (``ValueError``): an unknown mode, a
     ``loss_mat`` that is not 2-D or complex, a mask of another shape or with values other than 0/1, NaN/inf in
     ``loss_mat`` at masked-in positions (masked-out positions may hold anything: they never reach the result).
     An empty batch (``B = 0``) or ``T = 0`` gives 0 (a sum over no token).
     """
     values, m, norm = _check_aggregate_args("loss_mat", loss_mat, mask, loss_agg_mode, norm_length)
-    return _aggregate(values, m, loss_agg_mode, norm)
+    return _aggregate(values, m, loss_agg_mode, norm, check_num_tokens(num_tokens, loss_agg_mode))
 
 
-def _aggregate(values: torch.Tensor, m: torch.Tensor, mode: str, norm: Optional[float]) -> torch.Tensor:
-    """:func:`aggregate` without the checks (``m`` a float 0/1 mask, ``norm`` resolved)."""
+def _aggregate(
+    values: torch.Tensor, m: torch.Tensor, mode: str, norm: Optional[float], num_tokens: Optional[float] = None
+) -> torch.Tensor:
+    """:func:`aggregate` without the checks (``m`` a float 0/1 mask, ``norm`` and ``num_tokens`` resolved)."""
     # where() rather than a bare product: a non-finite value in a masked-out slot must not leak (0 * inf = nan)
     tok = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device)) * m
     if mode == "token-mean":
-        return tok.sum() / m.sum().clamp_min(1.0)
+        return tok.sum() / (m.sum().clamp_min(1.0) if num_tokens is None else num_tokens)
+    if mode == "token-sum":
+        return tok.sum()
     seq = tok.sum(-1)  # [B]
     if mode == "seq-mean-token-mean":
         seq = seq / m.sum(-1).clamp_min(1.0)

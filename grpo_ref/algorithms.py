@@ -28,6 +28,12 @@ vf_coef / value_clip   PPOTrainer ``vf_coef``, ``cliprange_value``   ``critic.cl
 ent_coef               (none)                                       ``entropy_coeff``
 overlong_buffer        (reward function)                            ``reward_model.overlong_buffer.len``
 filter_groups          (none)                                       ``algorithm.filter_groups.enable``
+pg_objective           ``loss_type`` (cispo/sapo)                   ``policy_loss.loss_mode`` (cispo/sapo)
+sapo_tau_pos/neg       ``sapo_temperature_pos/neg``                 ``policy_loss.tau_pos/neg``
+kl_ratio_weighted      ``use_bias_correction_kl``                   (none)
+ent_agg_mode           token-mean (fixed)                           ``loss_agg_mode``
+global_token_norm      dapo/cispo ``num_items_in_batch``            ``agg_loss(batch_num_tokens=...)``
+unscorable             zero_advantage (None from every reward fn)   (none)
 =====================  ===========================================  ============================================
 """
 from __future__ import annotations
@@ -54,15 +60,26 @@ from ._checks import (
     check_same_shape,
     check_tensor,
 )
-from .advantages import ADV_SCALES, gae_advantages, grpo_advantages, overlong_penalty, reinforce_pp_advantages, rloo_advantages
-from .aggregation import LOSS_AGG_MODES, _aggregate
+from .advantages import (
+    ADV_SCALES,
+    _nan_grpo_advantages,
+    _nan_rloo_advantages,
+    _nan_reinforce_pp_baseline,
+    gae_advantages,
+    grpo_advantages,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from .aggregation import LOSS_AGG_MODES, _aggregate, check_num_tokens
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_sum, _masked_whiten
-from .surrogate import RATIO_LEVELS, policy_loss
+from .surrogate import PG_OBJECTIVES, RATIO_LEVELS, policy_loss
 from .ppo import value_loss
 
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+UNSCORABLE = ("refuse", "zero_advantage")
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,13 @@ class AlgoConfig:
     overlong_buffer: Optional[int] = None  # DAPO L_cache; needs max_response_length
     max_response_length: Optional[int] = None  # DAPO L_max
     filter_groups: bool = False  # DAPO dynamic sampling: the training loop drops zero-variance groups
+    pg_objective: str = "clip"  # "clip" (PPO/GRPO), "cispo" (MiniMax-M1), "sapo" (soft gate); see grpo_ref.surrogate
+    sapo_tau_pos: float = 1.0  # SAPO gate temperature where A > 0 (TRL's and verl's default)
+    sapo_tau_neg: float = 1.05  # ... where A <= 0
+    kl_ratio_weighted: bool = False  # KL term times the importance ratio (TRL use_bias_correction_kl)
+    ent_agg_mode: Optional[str] = None  # aggregation of the entropy bonus; None = loss_agg_mode
+    global_token_norm: bool = False  # token-mean over LossInputs.num_tokens (TRL dapo/cispo num_items_in_batch)
+    unscorable: str = "refuse"  # NaN scores: "refuse", or "zero_advantage" (TRL: every reward function gave None)
 
     def __post_init__(self) -> None:
         """Refuse every bad field with a ``ValueError`` naming it: NaN/inf and out-of-range numbers (checks are
@@ -109,17 +133,34 @@ class AlgoConfig:
         check_int("group_size", self.group_size, lo=1)
         if self.adv_estimator in GROUP_ESTIMATORS and self.group_size < 2:
             raise ValueError(f"{self.adv_estimator} needs group_size >= 2 (a group baseline of one is the sample itself), got {self.group_size}")
-        check_real("eps_low", self.eps_low, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        check_choice("pg_objective", self.pg_objective, PG_OBJECTIVES)
+        check_choice("unscorable", self.unscorable, UNSCORABLE)
+        if self.ent_agg_mode is not None:
+            check_choice("ent_agg_mode", self.ent_agg_mode, LOSS_AGG_MODES)
+        check_real("eps_low", self.eps_low, lo=0.0, hi=1.0, lo_open=True)
         check_real("eps_high", self.eps_high, lo=0.0, lo_open=True)
         check_optional_real("dual_clip", self.dual_clip, lo=1.0, lo_open=True)
+        if self.dual_clip is not None and self.pg_objective != "clip":
+            raise ValueError(f"dual_clip={self.dual_clip} only applies to pg_objective='clip', got pg_objective={self.pg_objective!r}")
+        check_real("sapo_tau_pos", self.sapo_tau_pos, lo=0.0, lo_open=True)
+        check_real("sapo_tau_neg", self.sapo_tau_neg, lo=0.0, lo_open=True)
         for name in ("adv_eps", "kl_coef", "vf_coef", "ent_coef"):
             check_real(name, getattr(self, name), lo=0.0)
         check_real("gamma", self.gamma, lo=0.0, hi=1.0)
         check_real("lam", self.lam, lo=0.0, hi=1.0)
         check_optional_real("value_clip", self.value_clip, lo=0.0, lo_open=True)
         check_optional_real("norm_length", self.norm_length, lo=0.0, lo_open=True)
-        for name in ("whiten_advantages", "filter_groups"):
+        for name in ("whiten_advantages", "filter_groups", "kl_ratio_weighted", "global_token_norm"):
             check_bool(name, getattr(self, name))
+        if self.kl_ratio_weighted and self.kl_placement != "loss":
+            raise ValueError("kl_ratio_weighted=True weights the KL term of the loss: it needs kl_placement='loss', "
+                             f"got kl_placement={self.kl_placement!r}")
+        if self.global_token_norm and self.loss_agg_mode != "token-mean":
+            raise ValueError("global_token_norm=True needs loss_agg_mode='token-mean' (it replaces that mode's token "
+                             f"count), got loss_agg_mode={self.loss_agg_mode!r}")
+        if self.unscorable != "refuse" and self.adv_estimator not in GROUP_ESTIMATORS:
+            raise ValueError(f"unscorable={self.unscorable!r} needs a group estimator {GROUP_ESTIMATORS} (the statistics "
+                             f"of the scorable group members), got adv_estimator={self.adv_estimator!r}")
         if self.adv_estimator == "gae" and self.loss_fn != "ppo":
             raise ValueError("adv_estimator='gae' needs a critic: use loss_fn='ppo'")
         if self.max_response_length is not None:
@@ -157,38 +198,69 @@ class LossInputs:
     values: Optional[torch.Tensor] = None
     old_values: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
+    #: the global token normaliser of ``AlgoConfig.global_token_norm`` (a number, or a 0-dim tensor)
+    num_tokens: Optional[float] = None
 
     def __post_init__(self) -> None:
-        """Types only (each field a real tensor, or None where optional); shapes and values are checked by the
-        loss that uses them, with the field's name in the message."""
+        """Types only (each tensor field a real tensor, or None where optional; ``num_tokens`` None or a finite
+        number ``> 0``); shapes and values are checked by the loss that uses them, with the field's name in the
+        message."""
         for f in dataclass_fields(self):
             value = getattr(self, f.name)
+            if f.name == "num_tokens":
+                if value is not None:
+                    check_real("LossInputs.num_tokens", value, lo=0.0, lo_open=True)
+                continue
             if value is None and f.name not in ("logp", "old_logp", "advantages", "mask"):
                 continue
             check_tensor(f"LossInputs.{f.name}", value)
 
 
+def _num_tokens(inp: LossInputs, cfg: AlgoConfig) -> Optional[float]:
+    """``inp.num_tokens`` when ``cfg.global_token_norm`` (then required), else refused if given (it would be ignored)."""
+    if cfg.global_token_norm:
+        if inp.num_tokens is None:
+            raise ValueError("global_token_norm=True needs LossInputs.num_tokens (the global token count of the step)")
+        return check_num_tokens(inp.num_tokens, cfg.loss_agg_mode)
+    if inp.num_tokens is not None:
+        raise ValueError(f"LossInputs.num_tokens={inp.num_tokens!r} is only used with global_token_norm=True")
+    return None
+
+
+def _entropy_norm(cfg: AlgoConfig, mode: str, T: int) -> Optional[float]:
+    """The ``norm_length`` of the entropy bonus's aggregation: the run's ``norm_length`` (``T`` if None) under
+    ``seq-mean-token-sum-norm``, as for the policy term."""
+    if mode != "seq-mean-token-sum-norm":
+        return None
+    return float(cfg.norm_length) if cfg.norm_length is not None else float(max(T, 1))
+
+
 def _policy_part(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     loss, metrics = policy_loss(
         inp.logp, inp.old_logp, inp.advantages, inp.mask,
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level,
-        loss_agg_mode=cfg.loss_agg_mode, norm_length=cfg.norm_length, ref_logp=inp.ref_logp,
-        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0, kl_estimator=cfg.kl_estimator, entropy=inp.entropy,
+        pg_objective=cfg.pg_objective, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
+        sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg, ratio_level=cfg.ratio_level,
+        loss_agg_mode=cfg.loss_agg_mode, norm_length=cfg.norm_length, num_tokens=_num_tokens(inp, cfg),
+        ref_logp=inp.ref_logp, kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
+        kl_estimator=cfg.kl_estimator, kl_ratio_weighted=cfg.kl_ratio_weighted, entropy=inp.entropy,
     )
     if cfg.ent_coef > 0:
         if inp.entropy is None:
             raise ValueError("ent_coef > 0 needs LossInputs.entropy")
-        # policy_loss has validated entropy and mask (shapes, 0/1, finite where masked in): aggregate directly,
-        # with entropy_bonus's norm (T)
-        norm = float(max(inp.mask.shape[-1], 1)) if cfg.loss_agg_mode == "seq-mean-token-sum-norm" else None
-        loss = loss - cfg.ent_coef * _aggregate(as_float(inp.entropy), as_float(inp.mask), cfg.loss_agg_mode, norm)
+        # policy_loss has validated entropy and mask (shapes, 0/1, finite where masked in): aggregate directly.
+        # The bonus is normalised over this minibatch by its own mode (TRL 1.16.0: always a token mean), never
+        # by the global num_tokens.
+        mode = cfg.ent_agg_mode or cfg.loss_agg_mode
+        norm = _entropy_norm(cfg, mode, inp.mask.shape[-1])
+        loss = loss - cfg.ent_coef * _aggregate(as_float(inp.entropy), as_float(inp.mask), mode, norm)
     return loss, metrics
 
 
 def grpo_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Critic-free actor loss (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++): the clipped surrogate of
-    :func:`~grpo_ref.surrogate.policy_loss` with ``cfg``'s clip, ratio level, aggregation and (if
-    ``kl_placement == "loss"``) KL term, minus ``ent_coef`` times the entropy.
+    """Critic-free actor loss (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++, CISPO, SAPO): the policy loss of
+    :func:`~grpo_ref.surrogate.policy_loss` with ``cfg``'s objective, clip, ratio level, aggregation (and global
+    token count) and (if ``kl_placement == "loss"``) KL term, minus ``ent_coef`` times the entropy aggregated by
+    ``ent_agg_mode`` (``loss_agg_mode`` if None; under ``seq-mean-token-sum-norm`` divided by ``norm_length``).
 
     Shapes: the ``[B, T]`` fields of :class:`LossInputs` (``advantages`` ``[B]`` or ``[B, T]``).
     Returns ``(loss, metrics)``: a scalar and a dict of detached scalars. Refused inputs: as :func:`compute_loss`;
@@ -220,6 +292,7 @@ def compute_loss(inp: LossInputs, cfg: AlgoConfig) -> Tuple[torch.Tensor, Dict[s
 
     Refused (``ValueError`` naming the :class:`LossInputs` field): everything :func:`~grpo_ref.surrogate.policy_loss`
     and :func:`~grpo_ref.ppo.value_loss` refuse (shapes, masks other than 0/1, NaN/inf at masked-in positions);
+    ``cfg.global_token_norm`` without ``num_tokens``, ``num_tokens`` without ``cfg.global_token_norm``;
     ``inp`` not a :class:`LossInputs` or ``cfg`` not an :class:`AlgoConfig`."""
     _check_types(inp, cfg)
     return LOSS_REGISTRY[cfg.loss_fn](inp, cfg)
@@ -248,6 +321,12 @@ def compute_advantages(
         mask: ``[B, T]`` response mask.
         old_logp, ref_logp: ``[B, T]``; needed when ``cfg.kl_placement == "reward"`` and ``kl_coef > 0``.
         values: ``[B, T]`` critic values at sampling time, for ``gae``.
+    Unscorable completions: with ``cfg.unscorable == "zero_advantage"`` a NaN score marks a completion no reward
+    function could score (TRL 1.16.0: every reward function returned None). The group estimators then take their
+    statistics over the scorable members only (TRL's ``nanmean`` / ``nanstd``; RLOO's leave-one-out mean over the
+    other scorable members; REINFORCE++-baseline whitens over the scorable completions' tokens) and give every
+    token of an unscorable completion an advantage of exactly 0 (TRL ``nan_to_num(advantages, nan=0.0)``); a group
+    with no scorable member, or one, gets 0 everywhere. With ``"refuse"`` (default) NaN scores are refused.
     Steps: DAPO overlong shaping is added to the scores if configured; with the KL in the reward, sequence
     estimators see ``score - beta * sum_t k(t)`` and token estimators the per-token rewards of
     :func:`~grpo_ref.ppo.kl_in_reward`.
@@ -256,7 +335,8 @@ def compute_advantages(
         ``(advantages [B, T], returns [B, T] or None)``; 0 on masked-out positions.
 
     Refused with a ``ValueError`` naming the argument: ``cfg`` not an :class:`AlgoConfig`; a ``mask`` that is not
-    ``[B, T]`` or holds values other than 0/1; ``scores`` that are not ``[B]`` or hold NaN/inf; ``B`` not a
+    ``[B, T]`` or holds values other than 0/1; ``scores`` that are not ``[B]`` or hold inf, or NaN unless
+    ``cfg.unscorable == "zero_advantage"``; ``B`` not a
     multiple of ``cfg.group_size`` for group estimators; ``old_logp`` / ``ref_logp`` / ``values`` of another
     shape or with NaN/inf at masked-in positions (padding may hold anything). ``B = 0`` gives empty results.
     """
@@ -268,8 +348,10 @@ def compute_advantages(
     scores = check_tensor("scores", torch.as_tensor(scores, device=m.device))
     if scores.dim() != 1 or scores.shape[0] != m.shape[0]:
         raise ValueError(f"scores must be [B] = [{m.shape[0]}], got shape {tuple(scores.shape)}")
-    check_finite("scores", scores)
+    nan_ok = cfg.unscorable == "zero_advantage"
+    check_finite("scores", scores, where=~torch.isnan(scores) if nan_ok and scores.is_floating_point() else None)
     scores = as_float(scores).detach()
+    unscorable = torch.isnan(scores)
     if cfg.adv_estimator in GROUP_ESTIMATORS:
         check_group_size(scores.shape[0], cfg.group_size, 2, batch_name="scores")
     kl_reward = cfg.kl_placement == "reward" and cfg.kl_coef > 0
@@ -297,7 +379,15 @@ def compute_advantages(
     token_rewards = token_rewards + _last_token(scores.to(dtype), m.to(dtype))
     returns = None
     est = cfg.adv_estimator
-    if est in ("grpo", "rloo"):
+    if nan_ok and bool(unscorable.any()):  # group estimators only (AlgoConfig refuses the others)
+        if est == "grpo":
+            adv = _nan_grpo_advantages(seq_scores, cfg.group_size, cfg.adv_scale, cfg.adv_eps)[:, None] * m
+        elif est == "rloo":
+            adv = _nan_rloo_advantages(seq_scores, cfg.group_size)[:, None] * m
+        else:  # reinforce_pp_baseline: the score as the token rewards sum it (an empty response counts as 0)
+            seq = torch.where(unscorable, seq_scores, torch.nan_to_num(token_rewards, nan=0.0).sum(-1))
+            adv = _nan_reinforce_pp_baseline(seq, m.to(dtype), cfg.group_size)
+    elif est in ("grpo", "rloo"):
         seq = grpo_advantages(seq_scores, cfg.group_size, cfg.adv_scale, cfg.adv_eps) if est == "grpo" else rloo_advantages(seq_scores, cfg.group_size)
         adv = seq[:, None] * m
     elif est == "reinforce_pp":

@@ -19,6 +19,17 @@ active), outside it the value is ``k3(+-20)`` (finite, about 4.85e8 at +20) and 
 clamped side is 0. ``None`` disables the clamp. ``k3`` is computed as ``expm1(d) - d`` so it stays exact and
 non-negative for tiny ``d``, where ``exp(d) - d - 1`` cancels to 0 or below (its absolute error is then
 about one ulp of ``d``; the value ``d^2/2`` itself is below float32 resolution for ``|d| < 1e-4``).
+
+verl 0.9.1's further names (``verl/trainer/ppo/core_algos.py``, ``kl_penalty_forward`` and ``kl_penalty``):
+
+* ``abs = |lp - ref|`` (verl ``"abs"``);
+* ``low_var_kl``: verl's guarded k3, ``clamp(k3(clamp(ref - lp, -20, 20)), -10, 10)`` (here the log-ratio clamp
+  is ``min(20, max_log_ratio)``); where a clamp is active the gradient is 0;
+* the straight-through forms ``"k1+"``, ``"k3+"``, ``"abs+"``, ``"low_var_kl+"`` (verl ``kl_penalty`` with a
+  ``+`` suffix): ``k2 - sg(k2) + sg(base)``, whose *value* is the base estimator and whose *gradient* is k2's
+  (the unbiased gradient of ``KL(pi || ref)`` on policy samples). verl's ``"k2+"`` is k2 itself, so it has no
+  name of its own here. (verl's k2 in the straight-through form has no log-ratio clamp; here k2 uses
+  ``max_log_ratio`` like every estimator, so the two agree wherever ``|lp - ref| <= max_log_ratio``.)
 """
 from __future__ import annotations
 
@@ -28,7 +39,6 @@ import torch
 
 from ._checks import NonFiniteInputError, _first_bad, as_float, clamp, check_choice, check_finite, check_float_tensor, check_optional_real, check_same_shape
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _check_log_ratio_args(logp, ref_logp, max_log_ratio) -> Optional[float]:
@@ -64,7 +74,34 @@ def _k3(logp, ref_logp, max_log_ratio):
     return torch.expm1(d) - d
 
 
-_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3}
+def _abs(logp, ref_logp, max_log_ratio):
+    return _log_ratio(logp, ref_logp, max_log_ratio).abs()
+
+
+#: verl 0.9.1 kl_penalty_forward's guards for low_var_kl: the log-ratio clamp and the value clamp.
+LOW_VAR_KL_LOG_RATIO_CLAMP = 20.0
+LOW_VAR_KL_VALUE_CLAMP = 10.0
+
+
+def _low_var_kl(logp, ref_logp, max_log_ratio):
+    bound = LOW_VAR_KL_LOG_RATIO_CLAMP if max_log_ratio is None else min(max_log_ratio, LOW_VAR_KL_LOG_RATIO_CLAMP)
+    d = _log_ratio(logp, ref_logp, bound)
+    return clamp(torch.expm1(d) - d, -LOW_VAR_KL_VALUE_CLAMP, LOW_VAR_KL_VALUE_CLAMP)
+
+
+def _straight_through(base):
+    """``k2 - sg(k2) + sg(base)``: the value of ``base``, the gradient of k2 (verl 0.9.1 ``kl_penalty``)."""
+    def estimator(logp, ref_logp, max_log_ratio):
+        k2 = _k2(logp, ref_logp, max_log_ratio)
+        return k2 - k2.detach() + base(logp, ref_logp, max_log_ratio).detach()
+    estimator.__name__ = f"{base.__name__}_straight_through"
+    return estimator
+
+
+_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3, "abs": _abs, "low_var_kl": _low_var_kl}
+_ESTIMATORS.update({f"{name}+": _straight_through(f) for name, f in list(_ESTIMATORS.items()) if name != "k2"})
+#: "k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "low_var_kl+"
+KL_ESTIMATORS = tuple(_ESTIMATORS)
 
 _REFUSED = """Refused (``ValueError`` naming the argument): complex or bool tensors, unequal shapes, NaN/inf anywhere in
     ``logp`` or ``ref_logp``, ``max_log_ratio`` that is not None or a finite number ``> 0``."""
@@ -97,7 +134,9 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: Optional[fl
 def kl_estimate(
     logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", max_log_ratio: Optional[float] = 20.0
 ) -> torch.Tensor:
-    """Dispatch to ``kl_k1`` / ``kl_k2`` / ``kl_k3`` by name (verl: ``kl``/``mse``/``low_var_kl``).
+    """The estimator ``estimator`` of :data:`KL_ESTIMATORS` per token: ``k1`` / ``k2`` / ``k3`` (verl
+    ``kl``/``mse``; verl's ``low_var_kl`` is k3 with its two clamps, our ``low_var_kl``), ``abs``, and the
+    straight-through forms ``k1+``, ``k3+``, ``abs+``, ``low_var_kl+`` (see the module docstring).
 
     Shapes: ``logp, ref_logp: [B, T]`` -> ``[B, T]``. {refused}"""
     check_choice("estimator", estimator, KL_ESTIMATORS, what="KL estimator")

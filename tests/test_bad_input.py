@@ -247,7 +247,7 @@ add_spec(Spec("policy_loss", G.policy_loss,
               lambda: dict(logp=_logp(13), old_logp=_logp(14), advantages=_bt(15), mask=MASK, ref_logp=_logp(16),
                            entropy=_bt(17).abs(), kl_coef=0.1, dual_clip=3.0),
               {"logp": "masked", "old_logp": "masked", "advantages": "masked", "ref_logp": "masked", "entropy": "masked"},
-              scalars={"eps_low": [NAN, INF, 0.0, 1.0, -0.2, True], "eps_high": POSITIVE, "dual_clip": [NAN, INF, 1.0, 0.5, True],
+              scalars={"eps_low": [NAN, INF, 0.0, 1.5, -0.2, True], "eps_high": POSITIVE, "dual_clip": [NAN, INF, 1.0, 0.5, True],
                        "kl_coef": NON_NEGATIVE, "max_log_ratio": POSITIVE + [None], "norm_length": [NAN, INF, 0, -5, True],
                        "ratio_level": ["seq"], "loss_agg_mode": ["mean"], "kl_estimator": ["k4"]},
               empty=_zero_loss))
@@ -461,7 +461,7 @@ valid("dtype", "response_mask", "int16 lengths", lambda: G.response_mask(5, torc
 # --------------------------------------------------------------------------------------- algorithms
 for field_name, bads in (("kl_coef", NON_NEGATIVE), ("adv_eps", NON_NEGATIVE), ("ent_coef", NON_NEGATIVE), ("vf_coef", NON_NEGATIVE),
                          ("dual_clip", [NAN, INF, 1.0, True]), ("value_clip", [NAN, INF, 0.0, -0.5, True]),
-                         ("eps_low", [NAN, 0.0, 1.0, True]), ("eps_high", [NAN, INF, 0.0]), ("gamma", RANGE01), ("lam", RANGE01),
+                         ("eps_low", [NAN, 0.0, 1.5, True]), ("eps_high", [NAN, INF, 0.0]), ("gamma", RANGE01), ("lam", RANGE01),
                          ("norm_length", [NAN, INF, 0, -1, True]), ("group_size", [0, -1, 2.5, True, "8"]),
                          ("whiten_advantages", ["yes", 1, None]), ("filter_groups", ["no", 0]),
                          ("max_response_length", [0, 2.5, True]), ("loss_agg_mode", ["mean"]), ("adv_estimator", ["vtrace"])):
@@ -675,7 +675,7 @@ _floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_f
 def test_policy_loss_hyperparameters_refused_or_finite(kl_coef, eps_low, dual_clip, max_log_ratio):
     """Any float for a hyperparameter: a ValueError naming the first bad one, or a finite loss (never NaN)."""
     d = dict(logp=_logp(70), old_logp=_logp(71), advantages=_bt(72), mask=MASK, ref_logp=_logp(73))
-    ok = (math.isfinite(kl_coef) and kl_coef >= 0, 0 < eps_low < 1, dual_clip is None or (math.isfinite(dual_clip) and dual_clip > 1),
+    ok = (math.isfinite(kl_coef) and kl_coef >= 0, 0 < eps_low <= 1, dual_clip is None or (math.isfinite(dual_clip) and dual_clip > 1),
           math.isfinite(max_log_ratio) and max_log_ratio > 0)
     try:
         loss, metrics = G.policy_loss(**d, kl_coef=kl_coef, eps_low=eps_low, dual_clip=dual_clip, max_log_ratio=max_log_ratio)
