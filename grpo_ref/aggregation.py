@@ -56,8 +56,8 @@ def check_num_tokens(num_tokens, loss_agg_mode: str) -> Optional[float]:
     ``loss_agg_mode="token-mean"``; returned as a float."""
     num = check_optional_real("num_tokens", num_tokens, lo=0.0, lo_open=True)
     if num is not None and loss_agg_mode != "token-mean":
-        raise ValueError(f"num_tokens (a global token normaliser) only applies to loss_agg_mode='token-mean', got "
-                         f"loss_agg_mode={loss_agg_mode!r}")
+        raise ValueError(f"num_tokens={num!r} (a global token normaliser) only applies to loss_agg_mode='token-mean', "
+                         f"got loss_agg_mode={loss_agg_mode!r}")
     return num
 
 

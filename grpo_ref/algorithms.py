@@ -220,7 +220,7 @@ def _num_tokens(inp: LossInputs, cfg: AlgoConfig) -> Optional[float]:
     """``inp.num_tokens`` when ``cfg.global_token_norm`` (then required), else refused if given (it would be ignored)."""
     if cfg.global_token_norm:
         if inp.num_tokens is None:
-            raise ValueError("global_token_norm=True needs LossInputs.num_tokens (the global token count of the step)")
+            raise ValueError("global_token_norm=True needs LossInputs.num_tokens (the global token count of the step), got None")
         return check_num_tokens(inp.num_tokens, cfg.loss_agg_mode)
     if inp.num_tokens is not None:
         raise ValueError(f"LossInputs.num_tokens={inp.num_tokens!r} is only used with global_token_norm=True")

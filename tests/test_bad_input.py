@@ -255,6 +255,29 @@ add_spec(Spec("policy_loss[gspo]", G.policy_loss,
               lambda: dict(logp=_logp(13), old_logp=_logp(14), advantages=torch.randn(B, generator=_gen(18)), mask=MASK,
                            ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
               {"logp": "masked", "old_logp": "masked"}, scalars={"eps_low": [NAN]}, empty=_zero_loss))
+add_spec(Spec("policy_loss[cispo]", G.policy_loss,
+              lambda: dict(logp=_logp(13), old_logp=_logp(14), advantages=_bt(15), mask=MASK, pg_objective="cispo",
+                           eps_low=1.0, eps_high=4.0, ref_logp=_logp(16), kl_coef=0.1, kl_ratio_weighted=True),
+              {"logp": "masked", "old_logp": "masked", "advantages": "masked", "ref_logp": "masked"},
+              scalars={"eps_low": [NAN, 0.0, 1.5, True], "eps_high": POSITIVE, "dual_clip": [3.0], "pg_objective": ["ppo", None],
+                       "kl_ratio_weighted": [1, "yes", None], "kl_estimator": ["k2+", "mse"]},
+              empty=_zero_loss))
+add_spec(Spec("policy_loss[sapo]", G.policy_loss,
+              lambda: dict(logp=_logp(13), old_logp=_logp(14), advantages=_bt(15), mask=MASK, pg_objective="sapo",
+                           sapo_tau_pos=1.0, sapo_tau_neg=1.05, ref_logp=_logp(16), kl_coef=0.1, kl_estimator="low_var_kl+"),
+              {"logp": "masked", "old_logp": "masked", "advantages": "masked", "ref_logp": "masked"},
+              scalars={"sapo_tau_pos": POSITIVE, "sapo_tau_neg": POSITIVE, "dual_clip": [3.0], "num_tokens": [5.0]},
+              empty=_zero_loss))
+add_spec(Spec("policy_loss[global token-mean]", G.policy_loss,
+              lambda: dict(logp=_logp(13), old_logp=_logp(14), advantages=_bt(15), mask=MASK, loss_agg_mode="token-mean",
+                           num_tokens=25.0),
+              {"logp": "masked", "old_logp": "masked", "advantages": "masked"},
+              scalars={"num_tokens": [NAN, INF, 0.0, -3.0, True, "25"]}, empty=_zero_loss))
+add_spec(Spec("aggregate[token-sum]", G.aggregate, lambda: dict(loss_mat=_bt(5), mask=MASK, loss_agg_mode="token-sum"),
+              {"loss_mat": "masked"}, scalars={"num_tokens": [3.0]}, empty=_zero_loss))
+add_spec(Spec("aggregate[global token-mean]", G.aggregate,
+              lambda: dict(loss_mat=_bt(5), mask=MASK, loss_agg_mode="token-mean", num_tokens=9.0),
+              {"loss_mat": "masked"}, scalars={"num_tokens": [NAN, INF, 0.0, -1.0, True]}, empty=_zero_loss))
 add_spec(Spec("value_loss", G.value_loss,
               lambda: dict(values=_bt(19), old_values=_bt(20), returns=_bt(21), mask=MASK),
               {"values": "masked", "old_values": "masked", "returns": "masked"},
@@ -458,13 +481,45 @@ valid("dtype", "response_mask", "int16 lengths", lambda: G.response_mask(5, torc
       reference=lambda: G.response_mask(5, torch.tensor([1, 2])))
 
 
+# combine_rewards: [B, K] rewards of K reward functions, NaN = a function returned None
+_R2 = torch.tensor([[1.0, 0.0], [0.0, NAN], [0.5, 1.0], [NAN, NAN]])
+_cr = lambda **kw: (lambda: G.combine_rewards(**{**dict(rewards=_R2, weights=torch.tensor([1.0, 0.5]), group_size=GS), **kw}))  # noqa: E731
+for bad, word in ((INF, "inf"), (-INF, "inf")):
+    refuse("nonfinite", "combine_rewards", f"rewards={bad}", _cr(rewards=_set(_R2, (0, 0), bad)), "rewards", word)
+    refuse("nonfinite", "combine_rewards", f"weights={bad}", _cr(weights=torch.tensor([1.0, bad])), "weights", word)
+refuse("nonfinite", "combine_rewards", "weights=nan", _cr(weights=torch.tensor([1.0, NAN])), "weights", "nan")
+refuse("shape", "combine_rewards", "rewards [B]", _cr(rewards=_R2[:, 0]), "rewards", "(4,)")
+refuse("shape", "combine_rewards", "weights [K+1]", _cr(weights=torch.ones(3)), "weights", "(3,)")
+refuse("dtype", "combine_rewards", "rewards complex", _cr(rewards=_R2.to(torch.complex64)), "rewards", "complex")
+refuse("dtype", "combine_rewards", "weights bool", _cr(weights=torch.ones(2, dtype=torch.bool)), "weights", "bool")
+for v in (0, 1, 3, 2.0, True):
+    refuse("bool-int" if isinstance(v, bool) else "group", "combine_rewards", f"group_size={v!r}", _cr(group_size=v), "group_size", str(v))
+for arg, v in (("aggregation", "mean"), ("scale", "std"), ("eps", NAN), ("eps", -1e-4), ("eps", True)):
+    refuse("bool-int" if isinstance(v, bool) else "hyper", "combine_rewards", f"{arg}={v!r}", _cr(**{arg: v}), arg, str(v))
+for v in ("group", "none"):
+    refuse("hyper", "combine_rewards", f"normalize_then_sum scale={v}", _cr(aggregation="normalize_then_sum", scale=v), "scale", v)
+valid("nonfinite", "combine_rewards", "NaN = a reward function returned None", _cr(),
+      "NaN marks a missing reward (TRL: None); an all-NaN row is unscorable and gets 0", check=lambda out: _row_zero(out, 3))
+valid("empty", "combine_rewards", "B=0", _cr(rewards=torch.zeros(0, 2)), "no completion", reference=lambda: torch.zeros(0))
+_R2_strided = torch.empty(_R2.shape[1], _R2.shape[0]).t().copy_(_R2)  # NaN != NaN, so _strided's check does not apply
+assert not _R2_strided.is_contiguous()
+valid("layout", "combine_rewards", "rewards non-contiguous", _cr(rewards=_R2_strided), "same values", reference=_cr())
+
+
+def _row_zero(out, row) -> None:
+    assert float(out[row]) == 0.0 and bool(torch.isfinite(out).all()), out
+
+
 # --------------------------------------------------------------------------------------- algorithms
 for field_name, bads in (("kl_coef", NON_NEGATIVE), ("adv_eps", NON_NEGATIVE), ("ent_coef", NON_NEGATIVE), ("vf_coef", NON_NEGATIVE),
                          ("dual_clip", [NAN, INF, 1.0, True]), ("value_clip", [NAN, INF, 0.0, -0.5, True]),
                          ("eps_low", [NAN, 0.0, 1.5, True]), ("eps_high", [NAN, INF, 0.0]), ("gamma", RANGE01), ("lam", RANGE01),
                          ("norm_length", [NAN, INF, 0, -1, True]), ("group_size", [0, -1, 2.5, True, "8"]),
                          ("whiten_advantages", ["yes", 1, None]), ("filter_groups", ["no", 0]),
-                         ("max_response_length", [0, 2.5, True]), ("loss_agg_mode", ["mean"]), ("adv_estimator", ["vtrace"])):
+                         ("max_response_length", [0, 2.5, True]), ("loss_agg_mode", ["mean"]), ("adv_estimator", ["vtrace"]),
+                         ("pg_objective", ["ppo", None]), ("sapo_tau_pos", POSITIVE), ("sapo_tau_neg", POSITIVE),
+                         ("kl_ratio_weighted", ["yes", 1, None]), ("ent_agg_mode", ["mean", 1]), ("global_token_norm", [1, "no", None]),
+                         ("unscorable", ["drop", None]), ("kl_estimator", ["k2+", "mse"])):
     for v in bads:
         cls = "bool-int" if isinstance(v, bool) else ("group" if field_name == "group_size" else "hyper")
         refuse(cls, "AlgoConfig", f"{field_name}={v!r}", lambda f=field_name, v=v: G.AlgoConfig(**{f: v}), field_name, str(v))
@@ -472,6 +527,19 @@ for field_name, bads in (("kl_coef", NON_NEGATIVE), ("adv_eps", NON_NEGATIVE), (
 refuse("hyper", "AlgoConfig", "overlong_buffer=5 without budget", lambda: G.AlgoConfig(overlong_buffer=5), "max_response_length", "None")
 refuse("bool-int", "AlgoConfig", "overlong_buffer=True", lambda: G.AlgoConfig(overlong_buffer=True, max_response_length=8), "overlong_buffer", "True")
 refuse("hyper", "get_preset", "unknown field", lambda: G.get_preset("grpo", kl_coeff=0.1), "kl_coeff", "kl_coeff")
+# combinations the new fields refuse (each names the field that does not apply)
+refuse("hyper", "AlgoConfig", "dual_clip with cispo", lambda: G.AlgoConfig(pg_objective="cispo", dual_clip=3.0), "dual_clip", "cispo")
+refuse("hyper", "AlgoConfig", "dual_clip with sapo", lambda: G.AlgoConfig(pg_objective="sapo", dual_clip=3.0), "dual_clip", "sapo")
+refuse("hyper", "AlgoConfig", "kl_ratio_weighted with the KL in the reward",
+       lambda: G.get_preset("rloo", kl_coef=0.1, kl_ratio_weighted=True), "kl_ratio_weighted", "reward")
+refuse("hyper", "AlgoConfig", "global_token_norm under seq-mean-token-mean", lambda: G.AlgoConfig(global_token_norm=True),
+       "global_token_norm", "seq-mean-token-mean")
+refuse("hyper", "get_preset", "unscorable with gae", lambda: G.get_preset("ppo", unscorable="zero_advantage"), "unscorable", "gae")
+refuse("hyper", "get_preset", "unscorable with reinforce_pp", lambda: G.get_preset("reinforce_pp", unscorable="zero_advantage"),
+       "unscorable", "reinforce_pp")
+for v in (NAN, INF, 0.0, -2.0, True, "8"):
+    refuse("bool-int" if isinstance(v, bool) else "hyper", "LossInputs", f"num_tokens={v!r}",
+           lambda v=v: G.LossInputs(_logp(1), _logp(2), _bt(3), MASK, num_tokens=v), "LossInputs.num_tokens", str(v))
 refuse("hyper", "get_preset", "unknown name", lambda: G.get_preset("ppo2"), "name", "ppo2")
 refuse("dtype", "LossInputs", "logp a list", lambda: G.LossInputs([0.0], torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1)), "LossInputs.logp", "list")
 refuse("dtype", "LossInputs", "values complex", lambda: G.LossInputs(_logp(1), _logp(2), _bt(3), MASK, values=_bt(4).to(torch.complex64)),
@@ -501,11 +569,22 @@ for bad in (2.0, -1.0, 0.5):
     refuse("mask", "compute_advantages", f"mask {bad}", lambda bad=bad: G.compute_advantages(_GRPO, torch.ones(B), _set(MASK, IN, bad)), "mask", "0 and 1")
 valid("mask", "compute_loss", "bool mask", lambda: G.compute_loss(_inputs(mask=MASK.bool()), _PPO), "a 0/1 mask of any dtype",
       reference=lambda: G.compute_loss(_inputs(), _PPO))
+_GLOBAL = G.get_preset("dapo", global_token_norm=True, ent_coef=0.01)
+refuse("hyper", "compute_loss", "global_token_norm without num_tokens", lambda: G.compute_loss(_inputs(), _GLOBAL), "num_tokens", "None")
+refuse("hyper", "compute_loss", "num_tokens without global_token_norm", lambda: G.compute_loss(_inputs(num_tokens=12.0), G.get_preset("dapo")),
+       "num_tokens", "global_token_norm")
+valid("hyper", "compute_loss", "num_tokens as a 0-dim tensor", lambda: G.compute_loss(_inputs(num_tokens=torch.tensor(12.0)), _GLOBAL),
+      "a real 0-dim tensor is read as its value", reference=lambda: G.compute_loss(_inputs(num_tokens=12.0), _GLOBAL))
 refuse("dtype", "compute_loss", "cfg a dict", lambda: G.compute_loss(_inputs(), {"loss_fn": "grpo"}), "cfg", "dict")
 refuse("dtype", "compute_loss", "inp a dict", lambda: G.compute_loss({"logp": 0}, _GRPO), "inp", "dict")
 valid("empty", "compute_loss", "B=0", lambda: G.compute_loss(G.LossInputs(*(torch.zeros(0, T) for _ in range(4)), ref_logp=torch.zeros(0, T),
                                                                           entropy=torch.zeros(0, T)), _GRPO),
       "no completion: loss 0", check=_zero_loss)
+
+def _unscorable_row_zero(out) -> None:
+    adv = out[0]
+    assert bool((adv[0] == 0).all()) and bool((adv[1:] != 0).any()), adv
+
 
 _OLD, _REF, _VAL = _logp(60), _logp(61), _bt(62)
 for name in ("grpo", "rloo", "reinforce_pp", "ppo"):
@@ -514,6 +593,13 @@ for name in ("grpo", "rloo", "reinforce_pp", "ppo"):
         cfg = cfg.replace(kl_placement="reward")
     ca = lambda cfg=cfg, **kw: (lambda: G.compute_advantages(cfg, **{**dict(scores=_rewards(), mask=MASK, old_logp=_OLD, ref_logp=_REF, values=_VAL), **kw}))  # noqa: E731
     refuse("nonfinite", "compute_advantages", f"{name} scores nan", ca(scores=_set(_rewards(), 0, NAN)), "scores", "nan")
+    if cfg.adv_estimator in ("grpo", "rloo"):
+        lenient = cfg.replace(unscorable="zero_advantage")
+        ca_nan = lambda cfg=lenient, **kw: (lambda: G.compute_advantages(cfg, **{**dict(scores=_rewards(), mask=MASK, old_logp=_OLD, ref_logp=_REF, values=_VAL), **kw}))  # noqa: E731
+        refuse("nonfinite", "compute_advantages", f"{name} unscorable scores inf", ca_nan(scores=_set(_rewards(), 0, INF)), "scores", "inf")
+        valid("nonfinite", "compute_advantages", f"{name} unscorable scores nan", ca_nan(scores=torch.tensor([NAN, 0.0, 0.2, 0.9])),
+              "unscorable='zero_advantage': a NaN score is an unscorable completion, advantage 0",
+              check=_unscorable_row_zero)
     refuse("shape", "compute_advantages", f"{name} scores [B, 1]", ca(scores=_rewards()[:, None]), "scores", "(4, 1)")
     if cfg.kl_placement == "reward" and cfg.kl_coef > 0:
         for arg, x in (("old_logp", _OLD), ("ref_logp", _REF)):
@@ -657,6 +743,7 @@ def test_campaign_covers_every_class_and_public_function():
     funcs = {c.func.split("[")[0].split(".")[0] for c in CASES}
     public = {"token_logprobs", "token_entropy", "response_mask", "masked_sum", "masked_mean", "masked_var", "masked_whiten",
               "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "categorical_kl", "aggregate", "grpo_advantages", "rloo_advantages",
+              "combine_rewards",
               "discounted_returns", "reinforce_pp_advantages", "gae_advantages", "process_advantages", "overlong_penalty",
               "policy_loss", "value_loss", "entropy_bonus", "kl_in_reward", "AlgoConfig", "get_preset", "compute_advantages",
               "compute_loss", "LossInputs", "GPTConfig", "tiny_gpt", "TinyGPT", "ValueModel", "generate", "rollout", "evaluate",
