@@ -94,10 +94,8 @@ def train_recording(tiny, out, algo, same_as, trl_settings, **config):
             logp, entropy = independent_logp(model, inputs, self.args.temperature)
             old = inputs.get("old_per_token_logps")
             old = logp.detach() if old is None else old
-            ref = inputs.get("ref_per_token_logps")
-            inp = LossInputs(logp, old, inputs["advantages"], inputs["completion_mask"], ref, entropy)
-            ours = compute_loss(inp, algo_for(self, algo))[0] / self.current_gradient_accumulation_steps
-            same = compute_loss(inp, algo_for(self, same_as))[0] / self.current_gradient_accumulation_steps
+            ours = independent_loss(self, inputs, logp, old, entropy, algo)
+            same = independent_loss(self, inputs, logp, old, entropy, same_as)
             saved = {k: (getattr(self, k) if k != "use_bias_correction_kl" else self.args.use_bias_correction_kl)
                      for k in trl_settings}
             for k, v in trl_settings.items():
@@ -111,7 +109,7 @@ def train_recording(tiny, out, algo, same_as, trl_settings, **config):
                 loss=loss.detach(), ours=ours.detach(), same=same.detach(), trl_own=trl_own.detach(),
                 grad=torch.autograd.grad(loss, params, retain_graph=True),
                 grad_ours=torch.autograd.grad(ours, params),
-                max_log_ratio=float(((logp - old).abs() * inputs["completion_mask"]).max()),
+                max_log_ratio=float(((logp.detach() - old).abs() * inputs["completion_mask"]).max()),
             ))
             return loss
 
@@ -124,16 +122,32 @@ def train_recording(tiny, out, algo, same_as, trl_settings, **config):
     return trainer, before, records
 
 
+def independent_loss(trainer, inputs, logp, old, entropy, algo):
+    """grpo_ref's loss for one micro-batch with TRL 1.16.0's accumulation convention: a per-minibatch
+    normalisation divided by the accumulation steps; a global token mean over the generation batch's tokens
+    rescaled to one optimizer step (``num_items_in_batch * GA / steps_per_generation``, one process)."""
+    algo = algo_for(trainer, algo)
+    ga = trainer.current_gradient_accumulation_steps
+    extra, scale = {}, ga
+    if algo.global_token_norm:
+        extra["num_tokens"] = float(inputs["num_items_in_batch"]) * ga / trainer.args.steps_per_generation
+        scale = 1
+    inp = LossInputs(logp, old, inputs["advantages"], inputs["completion_mask"], inputs.get("ref_per_token_logps"),
+                     entropy, **extra)
+    return compute_loss(inp, algo)[0] / scale
+
+
 def algo_for(trainer, algo):
     """``algo`` as the trainer would use it (``norm_length`` filled in)."""
     return check_algo_for_trl(algo, trainer.args)
 
 
 RUNS = {
-    # the trainer's loss: k1 KL and a dual clip, neither in TRL; compared with TRL's loss_type="grpo" (k3,
-    # per-sequence token mean) with its bias-corrected KL off, i.e. the grpo preset
+    # the trainer's loss: k1 KL, a dual clip and an entropy bonus over grpo's per-sequence token mean (TRL has
+    # neither the k1 KL nor the dual clip); compared with TRL's loss_type="grpo" (k3) with its bias-corrected
+    # KL off, i.e. the grpo preset
     "grpo_k1_dual_clip": dict(
-        algo=get_preset("grpo", group_size=GROUP, kl_estimator="k1", dual_clip=3.0),
+        algo=get_preset("grpo", group_size=GROUP, kl_estimator="k1", dual_clip=3.0, ent_coef=0.01),
         same_as=get_preset("grpo", group_size=GROUP),
         trl_settings={"loss_type": "grpo", "use_bias_correction_kl": False},
         config={},
@@ -144,6 +158,17 @@ RUNS = {
         same_as=get_preset("dr_grpo", group_size=GROUP),
         trl_settings={"loss_type": "dr_grpo"},
         config={"beta": 0.0, "scale_rewards": "none"},
+    ),
+    # TRL's default loss (loss_type="dapo": token sum over the generation batch's token count, KL times the
+    # ratio) with DAPO's clip-higher, as grpo_ref's dapo preset with the global token normaliser; 4 micro-batches
+    # per generation and 2 per optimizer step, so the normaliser's GA / steps_per_generation factor is 1/2
+    "dapo_global_tokens": dict(
+        algo=get_preset("dapo", group_size=GROUP, filter_groups=False, global_token_norm=True, kl_coef=0.04,
+                        kl_ratio_weighted=True),
+        same_as=get_preset("dapo", group_size=GROUP, filter_groups=False, global_token_norm=True, kl_coef=0.04,
+                           kl_ratio_weighted=True),
+        trl_settings={"epsilon_high": 0.28},
+        config={"steps_per_generation": 4},
     ),
 }
 
@@ -185,7 +210,7 @@ def test_trl_own_loss_on_the_same_inputs_is_grpo_refs_for_the_equivalent_config(
 
 def test_trl_own_loss_differs_where_the_configs_differ(run):
     gap = max(float((r["loss"] - r["trl_own"]).abs()) for r in run["records"])
-    if run["algo"] == run["same_as"]:
+    if run["algo"] == run["same_as"]:  # TRL's code, under the equivalent settings, is the trainer's loss
         assert gap < 1e-5
     else:  # k1 vs k3 once the policy has left the reference (after the first optimizer step)
         assert gap > 1e-4

@@ -178,10 +178,13 @@ def check_algo_for_trl(algo: AlgoConfig, args) -> AlgoConfig:
             f"TRL computes the reference log-probs only when beta != 0; make args.beta = {loss_beta}"
         )
     global_norm = bool(getattr(algo, "global_token_norm", False))
-    if global_norm and algo.ent_coef > 0:
+    if global_norm and algo.ent_coef > 0 and args.gradient_accumulation_steps != 1:
+        # grpo_ref normalises the entropy bonus per minibatch (it would need the division by the accumulation
+        # steps) and the policy term by num_tokens (it must not get it); one scalar cannot take both
         raise ValueError(
-            f"algo.ent_coef={algo.ent_coef} with algo.global_token_norm=True is refused: the entropy bonus's "
-            f"normaliser and the policy loss's would need different gradient-accumulation scalings"
+            f"algo.ent_coef={algo.ent_coef} with algo.global_token_norm=True needs "
+            f"args.gradient_accumulation_steps=1, got {args.gradient_accumulation_steps}: the entropy bonus is a "
+            f"per-minibatch mean and the policy term a global token mean, which accumulate differently"
         )
     if algo.loss_agg_mode == "seq-mean-token-sum-norm" and algo.norm_length is None:
         algo = algo.replace(norm_length=args.max_completion_length)
