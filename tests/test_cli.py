@@ -93,6 +93,13 @@ def _deterministic(records):
     (["--device", "tpu"], r"device 'tpu'"),
     (["--threads", "0"], r"--threads must be >= 1"),
     (["--resume", "--overwrite"], r"exclude each other"),
+    (["--top-k", "-1"], r"TrainConfig.top_k = -1"),
+    (["--top-k", "1.5"], r"argument --top-k: invalid int value"),
+    (["--top-p", "0"], r"TrainConfig.top_p = 0.0"),
+    (["--top-p", "nan"], r"TrainConfig.top_p must be a finite number, got nan"),
+    (["--min-p", "1.5"], r"TrainConfig.min_p = 1.5"),
+    (["--ref-sync-every", "-2"], r"TrainConfig.ref_sync_every = -2"),
+    (["--ref-sync-alpha", "0"], r"TrainConfig.ref_sync_alpha = 0.0"),
 ])
 def test_bad_train_arguments_are_one_line_errors_with_exit_code_2(capsys, tmp_path, argv, match):
     code, _, err = _run(capsys, "train", "--out", tmp_path / "r", *TINY, *argv)
@@ -131,6 +138,8 @@ def test_an_existing_run_is_not_replaced_without_resume_or_overwrite(capsys, run
     (["--n-embd", "64"], r"--n-embd 64"),
     (["--override", "eps_high=0.28"], r"--override eps_high=0.28"),
     (["--warm-target", "0.5"], r"--warm-target \(only used when a run starts\)"),
+    (["--top-k", "5"], r"--top-k 5 \(the checkpoint has 0\)"),
+    (["--ref-sync-alpha", "0.6"], r"--ref-sync-alpha 0.6 \(the checkpoint has 1.0\)"),
 ])
 def test_resume_refuses_settings_that_contradict_the_checkpoint(capsys, run, argv, match):
     before = (run / "checkpoint.pt").read_bytes()
@@ -153,6 +162,28 @@ def test_resume_accepts_settings_equal_to_the_checkpoint_and_continues_to_its_to
     code, _, _ = _run(capsys, "train", "--out", out, "--resume", "--no-progress", "--steps", "4")  # extend
     assert code == 0 and read_checkpoint(str(out / "checkpoint.pt"))["config"]["steps"] == 4
     assert [h["step"] for h in load_metrics(str(out))] == [0, 1, 2, 3, 4]
+
+
+def test_help_lists_the_sampling_and_reference_sync_flags(capsys):
+    code, out, _ = _run(capsys, "train", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for flag, words in [("--top-k", "k most likely tokens"), ("--top-p", "nucleus"), ("--min-p", "min_p *"),
+                        ("--ref-sync-every", "optimizer steps"), ("--ref-sync-alpha", "alpha * policy")]:
+        assert flag in text and words in text, flag
+
+
+def test_sampling_and_sync_flags_reach_the_trainer(capsys, tmp_path):
+    out = tmp_path / "r"
+    flags = ["--top-k", "3", "--top-p", "0.9", "--min-p", "0.05", "--ref-sync-every", "3", "--ref-sync-alpha", "0.5"]
+    assert _run(capsys, "train", "--out", out, "--steps", "1", *TINY, *flags)[0] == 0
+    stored = read_checkpoint(str(out / "checkpoint.pt"))
+    assert {k: stored["config"][k] for k in ("top_k", "top_p", "min_p", "ref_sync_every", "ref_sync_alpha")} == \
+        {"top_k": 3, "top_p": 0.9, "min_p": 0.05, "ref_sync_every": 3, "ref_sync_alpha": 0.5}
+    assert stored["optimizer_steps"] == 4  # 2 epochs x 2 minibatches: one sync (at 3) happened
+    assert any(not torch.equal(stored["reference"][k], v) for k, v in stored["policy"].items())
+    code, _, _ = _run(capsys, "train", "--out", out, "--resume", "--no-progress", "--steps", "2", *flags)
+    assert code == 0 and read_checkpoint(str(out / "checkpoint.pt"))["optimizer_steps"] == 8
 
 
 def test_resume_without_a_checkpoint_is_a_one_line_error(capsys, tmp_path):

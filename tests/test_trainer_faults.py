@@ -471,6 +471,14 @@ NAN, INF = float("nan"), float("inf")
     (dict(algo_overrides={"eps_high": True}), r"algo_overrides\['eps_high'\]"),
     (dict(algo_overrides={"whiten_advantages": "no"}), r"algo_overrides\['whiten_advantages'\] must be a bool"),
     (dict(algo_overrides={"norm_length": 2.5}), r"algo_overrides\['norm_length'\] must be an int"),
+    (dict(top_k=True), r"TrainConfig.top_k must be an int, got True"),
+    (dict(top_k=-1), r"TrainConfig.top_k = -1"),
+    (dict(top_p=NAN), r"TrainConfig.top_p must be a finite number, got nan"),
+    (dict(top_p=0.0), r"TrainConfig.top_p = 0.0"),
+    (dict(min_p=INF), r"TrainConfig.min_p must be a finite number, got inf"),
+    (dict(min_p=-0.5), r"TrainConfig.min_p = -0.5"),
+    (dict(ref_sync_every=1.0), r"TrainConfig.ref_sync_every must be an int"),
+    (dict(ref_sync_alpha=NAN), r"TrainConfig.ref_sync_alpha must be a finite number, got nan"),
 ])
 def test_train_config_refuses_wrong_types_and_non_finite_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -484,7 +492,8 @@ def test_train_config_refuses_cuda_without_cuda():
 
 
 def test_train_config_accepts_valid_values_and_round_trips():
-    cfg = TrainConfig(steps=3, lr=1, use_cache=False, max_grad_norm=None, algo_overrides={"kl_coef": 0, "dual_clip": None})
+    cfg = TrainConfig(steps=3, lr=1, use_cache=False, max_grad_norm=None, algo_overrides={"kl_coef": 0, "dual_clip": None},
+                      top_k=4, top_p=0.9, min_p=0.1, ref_sync_every=8, ref_sync_alpha=0.6)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['nosuch'\]"):
         TrainConfig.from_dict({**cfg.to_dict(), "nosuch": 1})
