@@ -21,8 +21,9 @@ The loop itself is the same for all of them:
 A step is all or nothing. The loss and gradient norms are checked before every optimizer step and the weights
 after it (and before the step starts): a NaN/inf raises :class:`NonFiniteError` naming the step and the metric or
 parameter. On that or any other failure inside :meth:`Trainer.step` (an exception in the reward, a
-``KeyboardInterrupt``) the policy, critic, both optimizers, the step counter, the history and the random generators
-are put back exactly as they were before the step (from a copy taken at its start), then the error propagates.
+``KeyboardInterrupt``) the policy, critic, both optimizers, the step and optimizer-step counters, the history, the
+random generators and, when ``ref_sync_every > 0`` (the step may move it), the reference are put back exactly as they
+were before the step (from a copy taken at its start), then the error propagates.
 
 Reproducible on CPU: all randomness comes from two ``torch.Generator`` objects the trainer owns, and a
 checkpoint stores their states, so a resumed run equals the uninterrupted one exactly. Checkpoints carry a
