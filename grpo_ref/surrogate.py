@@ -228,9 +228,11 @@ def _cispo_objective(ratio, lp, adv, lo, hi):
     return -clamp(r, lo, hi) * adv * lp, r < lo, r > hi
 
 
-def _sapo_objective(ratio, adv, tau_pos, tau_neg):
+def _sapo_objective(ratio: torch.Tensor, adv: torch.Tensor, tau_pos: float, tau_neg: float) -> torch.Tensor:
     """SAPO: ``-(4 / tau) sigmoid(tau (r - 1)) A``, ``tau = tau_pos`` where ``A > 0`` else ``tau_neg``."""
-    tau = torch.where(adv > 0, tau_pos, tau_neg).to(ratio.dtype)
+    # the temperatures as tensors of the ratio's dtype: torch.where of two Python floats would round them to float32
+    pos, neg = (torch.tensor(t, dtype=ratio.dtype, device=ratio.device) for t in (tau_pos, tau_neg))
+    tau = torch.where(adv > 0, pos, neg)
     return -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
 
 
