@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
 from ..algorithms import AlgoConfig
-from ._common import FieldMapping, Translation, UnsupportedSetting, check_statuses, get_setting
+from ._common import FieldMapping, Translation, UnsupportedSetting, check_statuses
 
 __all__ = ["FIELDS", "from_verl", "to_verl", "VERL_VERSION"]
 
@@ -300,17 +300,32 @@ def _parse(value: Any) -> Any:
         return value.strip()
 
 
+def _lookup(config: Any, name: str) -> Any:
+    """:func:`~grpo_ref.compat._common.get_setting`, except that an explicit null (``clip_ratio_low: null``) is
+    returned as None rather than read as missing: verl gives null a meaning (fall back to ``clip_ratio``)."""
+    if isinstance(config, Mapping) and name in config:
+        return config[name]
+    node: Any = config
+    for part in name.split("."):
+        if node is None:
+            return _MISSING
+        node = node.get(part, _MISSING) if isinstance(node, Mapping) else getattr(node, part, _MISSING)
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
 def _reader(config: Any):
     cfg = _normalise(config)
 
     def get(name: str) -> Any:
-        value = get_setting(cfg, name, _MISSING)
+        value = _lookup(cfg, name)
         if value is _MISSING:
             return DEFAULTS.get(name)
         return _parse(value)
 
     def given(name: str) -> bool:
-        return get_setting(cfg, name, _MISSING) is not _MISSING
+        return _lookup(cfg, name) is not _MISSING
 
     return get, given
 
@@ -488,7 +503,8 @@ def from_verl(config: Any) -> Translation:
 
     # -- critic
     if est == "gae":
-        algo["value_clip"] = _number(CRITIC + "cliprange_value", get(CRITIC + "cliprange_value"))
+        clip_v = _number(CRITIC + "cliprange_value", get(CRITIC + "cliprange_value"))
+        algo["value_clip"] = None if clip_v == math.inf else clip_v  # inf: no value clipping
         critic_agg = get(CRITIC + "loss_agg_mode")
         if critic_agg is not None and critic_agg != get(A + "loss_agg_mode"):
             raise UnsupportedSetting(CRITIC + "loss_agg_mode", critic_agg, f"differs from {A}loss_agg_mode: grpo_ref "
