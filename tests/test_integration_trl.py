@@ -11,6 +11,7 @@ records every ``_compute_loss`` call and, at the same parameters, recomputes
 """
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -30,6 +31,16 @@ GA = 2  # gradient accumulation steps: the loss is divided by it
 def whitelist_reward(completions, **kwargs):
     """Share of the 4 completion slots holding a whitelisted word (deterministic, no eval)."""
     return [sum(w in WHITELIST for w in c.split()) / 4.0 for c in completions]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while this module runs: the toy model's matrices are 32 wide, and on a busy 2-core
+    machine OpenMP's thread hand-offs made each matmul ~100x slower than doing it on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +234,20 @@ def test_dr_grpo_norm_length_is_max_completion_length(run):
         assert run["trainer"].algo == run["algo"]
 
 
+@pytest.fixture(scope="module")
+def base_config(tmp_path_factory):
+    return grpo_config(tmp_path_factory.mktemp("config"))
+
+
+def with_fields(config, **fields):
+    """A copy of a built GRPOConfig with some attributes changed (building one takes about a second)."""
+    out = copy.copy(config)
+    for name, value in fields.items():
+        assert hasattr(out, name), name
+        setattr(out, name, value)
+    return out
+
+
 @pytest.mark.parametrize(
     "algo, config, field",
     [
@@ -240,12 +265,12 @@ def test_dr_grpo_norm_length_is_max_completion_length(run):
         (get_preset("grpo", group_size=GROUP), {"entropy_coef": 0.01}, "args.entropy_coef"),
     ],
 )
-def test_settings_that_would_not_apply_are_refused(tmp_path, algo, config, field):
+def test_settings_that_would_not_apply_are_refused(base_config, algo, config, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        check_algo_for_trl(algo, grpo_config(tmp_path, **config))
+        check_algo_for_trl(algo, with_fields(base_config, **config))
 
 
-def test_accepted_presets(tmp_path):
+def test_accepted_presets(base_config):
     for algo, config in [
         (get_preset("grpo", group_size=GROUP), {}),
         (get_preset("dr_grpo", group_size=GROUP), {"beta": 0.0, "scale_rewards": "none"}),
@@ -253,17 +278,17 @@ def test_accepted_presets(tmp_path):
         (get_preset("gspo", group_size=GROUP), {"beta": 0.0}),
         (get_preset("grpo", group_size=GROUP, kl_estimator="k2", dual_clip=3.0), {}),
     ]:
-        assert check_algo_for_trl(algo, grpo_config(tmp_path, **config)).loss_fn == "grpo"
+        assert check_algo_for_trl(algo, with_fields(base_config, **config)).loss_fn == "grpo"
 
 
-def test_the_trainer_refuses_a_critic_before_building_models(tiny, tmp_path):
+def test_the_trainer_refuses_a_critic_before_building_models(tiny, base_config):
     with pytest.raises(ValueError, match=r"algo\.loss_fn='ppo'"):
         grpo_ref_trainer_class()(
-            model="/nonexistent", reward_funcs=whitelist_reward, args=grpo_config(tmp_path, num_generations=2),
+            model="/nonexistent", reward_funcs=whitelist_reward, args=with_fields(base_config, num_generations=2),
             train_dataset=tiny["dataset"], algo=get_preset("ppo"),
         )
     with pytest.raises(ValueError, match="algo is required"):
-        grpo_ref_trainer_class()(model="/nonexistent", reward_funcs=whitelist_reward, args=grpo_config(tmp_path))
+        grpo_ref_trainer_class()(model="/nonexistent", reward_funcs=whitelist_reward, args=base_config)
 
 
 def test_importing_grpo_ref_integrations_does_not_import_trl():

@@ -29,12 +29,17 @@ critic, which TRL's GRPOTrainer has not), ``adv_estimator`` other than ``"grpo"`
 with ``kl_coef > 0``, ``whiten_advantages``, ``overlong_buffer`` (write it as a TRL reward function),
 ``filter_groups`` (TRL has no dynamic sampling: use ``get_preset("dapo", filter_groups=False)``), and
 ``group_size`` / ``adv_scale`` / ``kl_coef`` that disagree with ``GRPOConfig.num_generations`` /
-``scale_rewards`` / ``beta``. ``adv_eps`` (TRL uses 1e-4), ``gamma``, ``lam``, ``vf_coef``, ``value_clip`` and
+``scale_rewards`` / ``beta``, and ``ent_coef > 0`` with ``global_token_norm`` under gradient accumulation
+(grpo_ref's entropy bonus is a per-minibatch mean, the policy term a global token mean: they need different
+scalings). ``adv_eps`` (TRL uses 1e-4), ``gamma``, ``lam``, ``vf_coef``, ``value_clip`` and
 ``unscorable`` (TRL always zeroes an unscorable completion's advantage) do not apply and are not checked.
 Conversely the ``GRPOConfig`` fields that only TRL's own loss reads (``TRL_LOSS_FIELDS``: ``loss_type``,
 ``epsilon``, ``epsilon_high``, ``delta``, ``importance_sampling_level``, ``use_bias_correction_kl``,
 ``entropy_coef``, ...) are not read by ``GRPORefTrainer``; one set to anything but TRL's default is refused, with
-the :class:`~grpo_ref.AlgoConfig` field to set instead.
+the :class:`~grpo_ref.AlgoConfig` field to set instead. TRL's defaults are themselves a loss that differs
+from grpo_ref's ``grpo`` preset: ``loss_type="dapo"`` with ``use_bias_correction_kl=True`` is
+``get_preset("dapo", filter_groups=False, eps_high=0.2, global_token_norm=True, kl_ratio_weighted=True,
+kl_coef=beta, group_size=num_generations)``.
 
 Gradient accumulation, as TRL 1.16.0 does it (``GRPOTrainer.loss_is_scaled_for_ga = True``): a per-minibatch
 normalisation (every ``loss_agg_mode``) is divided by ``current_gradient_accumulation_steps`` in training (1 in
@@ -93,10 +98,13 @@ _FORWARD_KEYS = (
 
 
 def _defaults(args) -> Dict[str, Any]:
+    """TRL's defaults of the ``TRL_LOSS_FIELDS`` that ``args``'s class declares."""
     if not dataclasses.is_dataclass(args):
         raise ValueError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
     out = {}
     for f in dataclasses.fields(type(args)):
+        if f.name not in TRL_LOSS_FIELDS:
+            continue
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
