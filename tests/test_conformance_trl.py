@@ -39,7 +39,7 @@ from trl.trainer.callbacks import SyncRefModelCallback  # noqa: E402
 import grpo_ref  # noqa: E402
 from grpo_ref import LossInputs, compute_advantages, compute_loss  # noqa: E402
 from grpo_ref.compat import UnsupportedSetting  # noqa: E402
-from grpo_ref.compat.trl import FIELDS, from_trl  # noqa: E402
+from grpo_ref.compat.trl import FIELDS, from_trl, to_trl  # noqa: E402
 
 assert trl.__version__ == "1.16.0", trl.__version__
 
@@ -548,6 +548,22 @@ def test_optimizer_settings(make_trainer):
     decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
     assert all(g["lr"] == tr.train["lr"] for g in opt.param_groups)
     assert decayed and all(g["weight_decay"] == tr.train["weight_decay"] for g in decayed)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "gspo"])
+def test_to_trl_output_is_a_valid_grpo_config(make_trainer, name):
+    """to_trl's keyword arguments pass TRL's own GRPOConfig validation and a GRPOTrainer builds from them; the
+    config object translates back as the dict does."""
+    import warnings
+
+    train = {"max_new_tokens": 8, "prompts_per_step": 4, "minibatches": 2, "ppo_epochs": 2, "temperature": 0.9}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # adv_eps / norm_length, tested in test_compat_trl
+        kwargs = to_trl(grpo_ref.PRESETS[name].replace(group_size=G), train)
+    kwargs.pop("beta")  # a reference model needs a path; beta is exercised above
+    trainer = make_trainer(**kwargs)
+    assert from_trl(trainer.args).algo == from_trl(kwargs).algo
+    assert from_trl(trainer.args).train == from_trl(kwargs).train
 
 
 # -- coverage ----------------------------------------------------------------------------------------------------

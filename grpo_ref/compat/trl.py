@@ -494,8 +494,6 @@ def to_trl(cfg: AlgoConfig, train: Optional[Dict[str, Any]] = None) -> Dict[str,
             loss_type = "luspo"
         else:
             refuse("loss_agg_mode", f"no TRL loss_type aggregates as {mode!r}")
-        if global_norm and mode != "token-mean":
-            refuse("global_token_norm", "TRL normalises by the batch's token count only under token-mean (dapo)")
         out.update(epsilon=cfg.eps_low, epsilon_high=cfg.eps_high)
         if cfg.dual_clip is not None:
             if cfg.dual_clip < 1.0 + cfg.eps_high:
