@@ -217,6 +217,6 @@ def test_fields_table():
 
 
 def test_import_grpo_ref_does_not_import_verl():
-    code = ("import sys, grpo_ref, grpo_ref.compat, grpo_ref.compat.verl; "
+    code = ("import sys, grpo_ref, grpo_ref.compat, grpo_ref.compat.verl, grpo_ref.integrations.verl; "
             "assert not any(m == 'verl' or m.startswith('verl.') or m == 'omegaconf' for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -529,6 +529,70 @@ def test_dapo_overlong_penalty():
     assert_close(verl_adv, adv, rtol=1e-5, atol=1e-6, what="advantages")
 
 
+# -- grpo_ref's loss registered in verl (grpo_ref.integrations.verl) -----------------------------------------------------
+@pytest.fixture
+def register():
+    from grpo_ref.integrations.verl import register_policy_loss
+
+    names = []
+
+    def do(algo, name="grpo_ref"):
+        names.append(name)
+        return register_policy_loss(algo, name)
+
+    yield do
+    for name in names:
+        ca.POLICY_LOSS_REGISTRY.pop(name, None)
+
+
+@covers(A + "policy_loss.loss_mode=vanilla", A + "policy_loss.loss_mode=gspo", A + "policy_loss.loss_mode=sapo",
+        A + "policy_loss.loss_mode=cispo")
+@pytest.mark.parametrize("loss_mode,mode", [("vanilla", "seq-mean-token-mean"), ("gspo", "token-mean"),
+                                            ("cispo", "token-sum"), ("sapo", "seq-mean-token-mean")])
+def test_registered_grpo_ref_loss_equals_verls_own(register, loss_mode, mode):
+    """verl's ppo_loss with loss_mode='grpo_ref' (KL loss and entropy still verl's) equals verl's own loss_mode."""
+    d = ragged(17, empty=True, spread=0.6 if loss_mode != "gspo" else 0.02)
+    entropy = torch.rand(d.B, d.T, generator=d.g, dtype=F64)
+    fields = dict(loss_agg_mode=mode, clip_ratio_low=0.2, clip_ratio_high=0.28, entropy_coeff=0.01,
+                  use_kl_loss=True, kl_loss_coef=0.05, kl_loss_type="low_var_kl", tau_pos=1.2, tau_neg=1.6)
+    own = actor(loss_mode, **fields)
+    algo = translate(own).algo.replace(kl_coef=0.0, ent_coef=0.0)
+    fn = register(algo)
+    assert ca.get_policy_loss_fn("grpo_ref") is fn
+    theirs = verl_actor_loss(own, d, entropy)
+    mine = verl_actor_loss(actor("grpo_ref", **fields), d, entropy)
+    assert_close(theirs, mine, what=f"grpo_ref vs verl {loss_mode}")
+    assert_close(grad(theirs, d.logp), grad(mine, d.logp), what="gradient")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "token-sum", "seq-mean-token-sum-norm"])
+def test_registered_loss_micro_batches_add_up(register, mode):
+    """With verl's global_batch_info (the mini-batch's counts over 2 data-parallel ranks holding the same data),
+    the registered loss of a rank's micro-batches adds up as verl's own vanilla loss does, and to grpo_ref's loss
+    of the global mini-batch (DDP averages the ranks: token-sum is scaled by dp_size, the means are not)."""
+    d = ragged(18, empty=True, spread=1.0)
+    algo = grpo_ref.AlgoConfig(loss_agg_mode=mode, kl_coef=0.0, dual_clip=3.0, eps_high=0.28,
+                               norm_length=9 if mode.endswith("norm") else None)
+    fn = register(algo, "grpo_ref_micro")
+    a = actor("grpo_ref_micro", loss_agg_mode=mode, loss_scale_factor=algo.norm_length, clip_ratio_high=0.28)
+    a.global_batch_info.update(dp_size=2, batch_num_tokens=2 * float(d.mask.sum()), global_batch_size=2 * d.B,
+                               loss_scale_factor=algo.norm_length)
+    parts = [fn(d.old[s], d.logp[s], d.adv[s], d.mask[s].bool(), loss_agg_mode=mode, config=a)[0]
+             for s in (slice(0, 5), slice(5, d.B))]
+    verl_parts = [ca.get_policy_loss_fn("vanilla")(d.old[s], d.logp[s], d.adv[s], d.mask[s].bool(),
+                                                   loss_agg_mode=mode, config=a)[0] for s in (slice(0, 5), slice(5, d.B))]
+    assert_close(sum(verl_parts), sum(parts), what=f"verl's vanilla, micro-batches {mode}")
+    whole = ours(algo, d) * (2 if mode == "token-sum" else 1)
+    assert_close(sum(parts), whole, what=f"micro-batches {mode}")
+    assert_close(grad(sum(parts), d.logp), grad(whole, d.logp), what="gradient")
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        fn(d.old, d.logp, d.adv, d.mask, loss_agg_mode="token-sum" if mode != "token-sum" else "token-mean", config=a)
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        fn(d.old, d.logp, d.adv, d.mask, loss_agg_mode=mode, config=a, rollout_is_weights=torch.ones_like(d.mask))
+    with pytest.raises(ValueError, match="kl_coef"):
+        register(grpo_ref.AlgoConfig(kl_coef=0.1), "grpo_ref_refused")
+
+
 # -- defaults, and the coverage of FIELDS -----------------------------------------------------------------------------
 TRAIN_ROWS = ["actor_rollout_ref.actor.ppo_epochs", "actor_rollout_ref.actor.ppo_mini_batch_size",
               "actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.actor.optim.clip_grad",
