@@ -54,7 +54,7 @@ def test_presets_round_trip(name):
 
 
 @pytest.mark.parametrize("changes", [
-    dict(pg_objective="sapo", sapo_tau_pos=1.5, sapo_tau_neg=2.0, eps_low=0.2, eps_high=0.2),
+    dict(pg_objective="sapo", sapo_tau_pos=1.5, sapo_tau_neg=2.0, eps_low=0.1, eps_high=0.3),
     dict(pg_objective="cispo", eps_low=1.0, eps_high=4.0, loss_agg_mode="token-mean"),
     dict(pg_objective="sapo", ent_coef=0.01, ent_agg_mode="token-mean", kl_coef=0.0, kl_estimator="k3"),
     dict(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, kl_estimator="low_var_kl+", kl_coef=0.1),

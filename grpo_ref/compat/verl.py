@@ -436,21 +436,19 @@ def from_verl(config: Any) -> Translation:
                      "whose defaults are 0.2 (not null)")
     low = clip if low is None else _number(A + "clip_ratio_low", low)
     high = clip if high is None else _number(A + "clip_ratio_high", high)
-    if objective != "sapo":  # sapo reads neither
-        if low >= 1.0:
-            if low > 1.0:
-                notes.append(f"{A}clip_ratio_low={low} >= 1: the ratio is positive, so there is no lower clip "
-                             "(grpo_ref eps_low=1.0)")
-            low = 1.0
-        algo["eps_low"], algo["eps_high"] = low, high
+    if low >= 1.0:  # (read for every loss mode, so that to_verl/from_verl round-trip; sapo uses neither)
+        if low > 1.0:
+            notes.append(f"{A}clip_ratio_low={low} >= 1: the ratio is positive, so there is no lower clip "
+                         "(grpo_ref eps_low=1.0)")
+        low = 1.0
+    algo["eps_low"], algo["eps_high"] = low, high
     c = _number(A + "clip_ratio_c", get(A + "clip_ratio_c"))
     if mode == "vanilla":
         if not c > 1.0:
             raise ValueError(f"{A}clip_ratio_c must be > 1 (verl asserts it), got {c}")
         algo["dual_clip"] = None if c == math.inf else c
-    if objective == "sapo":
-        algo["sapo_tau_pos"] = _number(A + "tau_pos", get(A + "tau_pos"))
-        algo["sapo_tau_neg"] = _number(A + "tau_neg", get(A + "tau_neg"))
+    algo["sapo_tau_pos"] = _number(A + "tau_pos", get(A + "tau_pos"))  # only sapo reads them
+    algo["sapo_tau_neg"] = _number(A + "tau_neg", get(A + "tau_neg"))
     if mode == "gspo":
         notes.append("gspo: verl clamps the sequence log-ratio at +10 (upper side), grpo_ref at +-20")
 
@@ -640,12 +638,10 @@ def to_verl(cfg: AlgoConfig, train: Optional[dict] = None) -> Dict[str, Any]:
         out[A + "clip_ratio_c"] = math.inf if cfg.dual_clip is None else cfg.dual_clip
     elif cfg.dual_clip is not None:
         _refuse(cfg, "dual_clip", f"verl's {mode} loss has no dual clip")
-    if objective != "sapo":
-        out[A + "clip_ratio_low"] = cfg.eps_low
-        out[A + "clip_ratio_high"] = cfg.eps_high
-    else:
-        out[A + "tau_pos"] = cfg.sapo_tau_pos
-        out[A + "tau_neg"] = cfg.sapo_tau_neg
+    out[A + "clip_ratio_low"] = cfg.eps_low  # written for every objective (sapo reads neither pair)
+    out[A + "clip_ratio_high"] = cfg.eps_high
+    out[A + "tau_pos"] = cfg.sapo_tau_pos
+    out[A + "tau_neg"] = cfg.sapo_tau_neg
 
     agg = cfg.loss_agg_mode
     ent_agg = getattr(cfg, "ent_agg_mode", None)
