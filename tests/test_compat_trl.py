@@ -81,8 +81,12 @@ def test_presets_to_trl_and_back(name):
             _quiet(to_trl, preset, train)
         assert e.value.field_name == refused[name] and refused[name] in str(e.value)
         return
-    with pytest.warns(UserWarning, match="adv_eps"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         kwargs = to_trl(preset, train)
+    said = " ".join(str(w.message) for w in caught)
+    assert "adv_eps" in said  # TRL's epsilon is fixed at 1e-4
+    assert ("norm_length" in said) == (preset.loss_agg_mode == "seq-mean-token-sum-norm" and preset.norm_length is None)
     back = from_trl(kwargs)
     expected = preset.replace(name=back.algo.name, adv_eps=1e-4, unscorable="zero_advantage")
     if preset.loss_agg_mode == "seq-mean-token-sum-norm":
@@ -183,6 +187,7 @@ NON_DEFAULT = {
     "repetition_penalty": {"repetition_penalty": 1.1},
     "generation_kwargs": {"generation_kwargs": {"no_repeat_ngram_size": 2}},
     "router_aux_loss_coef": {"router_aux_loss_coef": 0.01},
+    "vllm_structured_outputs_regex": {"vllm_structured_outputs_regex": "[ab]+"},
 }
 
 
@@ -287,7 +292,7 @@ def test_fields_table():
     loss_rows = {r.framework_field for r in FIELDS if r.framework_field.startswith("loss_type=")}
     assert loss_rows == {f"loss_type={t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")}
     for name in TRL_DEFAULTS:
-        if name not in ("loss_type", "use_vllm"):
+        if name not in ("loss_type",):
             assert any(r.framework_field == name for r in FIELDS), f"{name} has no FIELDS row"
 
 

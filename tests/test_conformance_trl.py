@@ -43,6 +43,8 @@ from grpo_ref.compat.trl import FIELDS, from_trl, to_trl  # noqa: E402
 
 assert trl.__version__ == "1.16.0", trl.__version__
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecation notices
+
 COVERED: set = set()
 TOL = 1e-6
 G = 4  # num_generations
@@ -56,13 +58,16 @@ VOCAB = {"<pad>": 0, "<eos>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "e": 6}
 @pytest.fixture(scope="module")
 def model_dir():
     """A tiny Llama saved to a temporary directory, so TRL can also build its reference model from it (beta > 0)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the toy model's tiny matmuls are far slower on several OpenMP threads of a busy CPU
     d = tempfile.mkdtemp(prefix="grpo_trl_model_")
     cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                                    pad_token_id=0, eos_token_id=1, bos_token_id=1)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    yield d
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +349,24 @@ def test_log_ratio_beyond_20_is_the_documented_difference(make_trainer):
 
 
 @covers("loss_type=vespo")
+@covers("beta")
+def test_kl_log_ratio_beyond_20_is_the_documented_difference(make_trainer):
+    """TRL's k3 does not clamp ``ref - lp``; grpo_ref clamps it at +-20. At ref - lp = 25 TRL's KL value is larger;
+    TRL fed ref - lp = 20 gives grpo_ref's value (the gradient differs: 0 through grpo_ref's active clamp)."""
+    trainer = make_trainer(loss_type="grpo", beta=0.04)
+    tr = from_trl(trainer.args)
+    far = _batch(1)
+    far.mask[0, 0] = 1
+    far.ref = far.ref.clone()
+    far.ref[0, 0] = far.logp[0, 0] + 25.0
+    at20 = SimpleNamespace(**vars(far))
+    at20.ref = far.ref.clone()
+    at20.ref[0, 0] = far.logp[0, 0] + 20.0
+    ours = ref_loss(tr.algo, far)[0]
+    assert float(trl_loss(trainer, far)[0]) > float(ours) * 10
+    assert_close(ours, trl_loss(trainer, at20)[0], "grpo_ref at ref - lp = 25 vs TRL at 20")
+
+
 def test_vespo_is_refused_naming_loss_type(make_trainer):
     trainer = make_trainer(loss_type="vespo")  # TRL builds it: a real loss type of TRL 1.16.0
     with pytest.raises(UnsupportedSetting, match="loss_type") as e:

@@ -91,6 +91,8 @@ TRL_DEFAULTS: Dict[str, Any] = {
     "vespo_k_neg": 3.0,
     "vespo_lambda_neg": 2.0,
     "router_aux_loss_coef": None,
+    "vllm_structured_outputs_regex": None,
+    "disable_dropout": False,
     "learning_rate": 1e-6,
     "weight_decay": 0.0,
 }
@@ -176,7 +178,13 @@ FIELDS: List[FieldMapping] = [
     _F("vespo_k_neg", "-", "refused", "read only by loss_type='vespo' (default accepted)"),
     _F("vespo_lambda_neg", "-", "refused", "read only by loss_type='vespo' (default accepted)"),
     _F("router_aux_loss_coef", "-", "refused", "MoE load-balancing loss (None or 0 accepted)"),
+    _F("vllm_structured_outputs_regex", "-", "refused", "constrained decoding (None accepted)"),
     _F("use_vllm", "-", "ignored", "generation backend; its importance-sampling correction is refused"),
+    _F("disable_dropout", "-", "ignored", "grpo_ref evaluates the policy without dropout (TRL's True); a note when "
+       "False: equal for models without dropout"),
+    _F("use_liger_kernel", "-", "ignored", "layer kernels only (TRL 1.16.0 turns off Liger's fused cross-entropy)"),
+    _F("cache_implementation", "-", "ignored", "KV-cache layout of generate()"),
+    _F("chat_template_kwargs", "-", "ignored", "prompt formatting"),
     _F("shuffle_dataset", "-", "ignored", "prompt order"),
     _F("num_generations_eval", "-", "ignored", "evaluation only"),
     _F("cast_lm_head_to_fp32", "-", "ignored", "numerics of the LM head"),
@@ -203,6 +211,7 @@ _REFUSED_UNLESS_DEFAULT = {
     "vespo_k_neg": (3.0, "read only by loss_type='vespo', which has no grpo_ref equivalent"),
     "vespo_lambda_neg": (2.0, "read only by loss_type='vespo', which has no grpo_ref equivalent"),
     "repetition_penalty": (1.0, "grpo_ref's sampler has no repetition penalty"),
+    "vllm_structured_outputs_regex": (None, "grpo_ref's sampler has no constrained decoding"),
 }
 
 
@@ -280,6 +289,9 @@ def from_trl(config: Any) -> Translation:
                                      "(set it False to translate a vLLM run)")
         notes.append("use_vllm=True: completions are sampled by vLLM, grpo_ref samples with its own model")
 
+    if not g("disable_dropout"):
+        notes.append("disable_dropout=False: TRL computes the log-probs with the model's dropout active (train mode); "
+                     "grpo_ref without dropout (equal for models without dropout)")
     loss_type = _choice("loss_type", g("loss_type"), LOSS_TYPES)
     if loss_type == "vespo":
         raise UnsupportedSetting("loss_type", "vespo", "vespo has no grpo_ref equivalent")
@@ -542,7 +554,8 @@ def to_trl(cfg: AlgoConfig, train: Optional[Dict[str, Any]] = None) -> Dict[str,
                       stacklevel=2)
     out.update(loss_type=loss_type, beta=float(cfg.kl_coef), importance_sampling_level=cfg.ratio_level,
                scale_rewards=cfg.adv_scale, use_bias_correction_kl=bool(a("kl_ratio_weighted", False)),
-               entropy_coef=float(cfg.ent_coef), num_generations=cfg.group_size)
+               entropy_coef=float(cfg.ent_coef), num_generations=cfg.group_size,
+               disable_dropout=True)  # grpo_ref's sampler, pi_old and pi_theta run without dropout
 
     # -- the loop --------------------------------------------------------------------------------------------
     unknown = sorted(set(train) - set(_TRAIN_KEYS_IGNORED) - {
