@@ -24,6 +24,7 @@ from grpo_ref.integrations.trl import check_algo_for_trl, grpo_ref_trainer_class
 
 WORDS = ["<pad>", "<eos>", "<unk>", "a", "b", "c", "d", "e", "f", "g", "h"]
 WHITELIST = {"a", "b", "c"}
+PROMPTS = ["a b", "c d", "e f", "g h", "b c", "d e", "f g", "h a"]
 GROUP = 4
 GA = 2  # gradient accumulation steps: the loss is divided by it
 
@@ -61,7 +62,7 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    dataset = Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h", "b c", "d e", "f g", "h a"]})
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
     return {"path": str(path), "tokenizer": tokenizer, "dataset": dataset}
 
 
@@ -299,3 +300,73 @@ def test_importing_grpo_ref_integrations_does_not_import_trl():
         "assert 'grpo_ref.integrations.verl' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=grpo_ref.__path__[0] + "/..")
+
+
+TWO_PROCESS_SCRIPT = '''
+import json, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[3])
+from datasets import Dataset
+from transformers import PreTrainedTokenizerFast
+from trl import GRPOTrainer
+import test_integration_trl as t
+
+spec = t.RUNS["dapo_global_tokens"]
+records = []
+
+
+class Recording(t.grpo_ref_trainer_class()):
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        saved = {k: getattr(self, k) for k in spec["trl_settings"]}
+        for k, v in spec["trl_settings"].items():
+            setattr(self, k, v)
+        try:
+            trl_own = GRPOTrainer._compute_loss(self, model, inputs)
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+        records.append([float(loss), float(trl_own), float(inputs["num_items_in_batch"]),
+                        float(inputs["completion_mask"].sum())])
+        return loss
+
+
+trainer = Recording(
+    model=sys.argv[1], reward_funcs=t.whitelist_reward, args=t.grpo_config(sys.argv[2], **spec["config"]),
+    train_dataset=Dataset.from_dict({"prompt": t.PROMPTS}),
+    processing_class=PreTrainedTokenizerFast.from_pretrained(sys.argv[1]), algo=spec["algo"],
+)
+trainer.train()
+rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
+    json.dump({"world": world, "records": records}, f)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_match_trls_own_loss(tiny, tmp_path):
+    """torchrun, 2 CPU processes (gloo): on each rank, the loss of GRPORefTrainer under grpo_ref's dapo preset
+    with the global token normaliser equals TRL's own loss_type="dapo" on the same micro-batches; the token
+    count is the generation batch's across both processes (about 40 s on a busy 2-core machine)."""
+    import json
+    import os
+
+    script = tmp_path / "two_processes.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         tiny["path"], str(tmp_path), str(os.path.dirname(__file__))],
+        check=True, env=env, cwd=grpo_ref.__path__[0] + "/..", timeout=300, capture_output=True,
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world"] == 2 and len(rank["records"]) == 3 * GA
+        for loss, trl_own, _, _ in rank["records"]:
+            assert abs(loss - trl_own) <= 1e-5 * max(1.0, abs(trl_own))
+    # num_items_in_batch is the token count of both processes' shares of the generation batch
+    total = {records[2] for rank in ranks for records in rank["records"]}
+    assert len(total) == 1
+    local = [sum(rec[3] for rec in rank["records"][:4]) for rank in ranks]  # the first generation batch
+    assert total == {sum(local)}
