@@ -17,8 +17,8 @@ is ``grpo_ref.compute_loss(LossInputs(logp, old_logp, advantages, mask, ref_logp
 
 What is grpo_ref's and what stays TRL's:
 
-* grpo_ref: the whole per-minibatch loss: ratio level, clip range, dual clip, the surrogate (``pg_objective``
-  where available), the KL estimator and coefficient, the aggregation, the entropy bonus.
+* grpo_ref: the whole per-minibatch loss: ratio level, clip range, dual clip, the surrogate (``pg_objective``),
+  the KL estimator and coefficient, the aggregation, the entropy bonus.
 * TRL: generation and sampling (temperature, top-p/k, vLLM), the reward functions, the advantages
   (``_generate_and_score_completions``: group mean, ``scale_rewards``, eps 1e-4, unscorable rows get 0),
   the reference model, the optimiser, gradient accumulation, multi-process data parallelism.
