@@ -17,6 +17,10 @@ from grpo_ref import PRESETS, AlgoConfig
 from grpo_ref.compat import UnsupportedSetting
 from grpo_ref.compat.trl import FIELDS, TRL_DEFAULTS, from_trl, to_trl
 
+FULL = {"loss_type": "grpo", "num_generations": 4, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2,
+        "steps_per_generation": 4, "num_iterations": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.05,
+        "mask_truncated_completions": True, "beta": 0.04, "sync_ref_model": True, "ref_model_sync_steps": 8,
+        "ref_model_mixup_alpha": 0.5, "learning_rate": 3e-4, "weight_decay": 0.01}
 TRL_CONFIGS = [
     {},  # TRL's defaults: dapo, beta 0
     {"loss_type": "grpo", "beta": 0.04},
@@ -29,10 +33,9 @@ TRL_CONFIGS = [
     {"loss_type": "luspo", "importance_sampling_level": "sequence"},
     {"loss_type": "cispo", "epsilon_high": 5.0},
     {"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0, "beta": 0.01},
-    {"loss_type": "grpo", "num_generations": 4, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2,
-     "steps_per_generation": 4, "num_iterations": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.05,
-     "mask_truncated_completions": True, "beta": 0.04, "sync_ref_model": True, "ref_model_sync_steps": 8,
-     "ref_model_mixup_alpha": 0.5, "learning_rate": 3e-4, "weight_decay": 0.01},
+    {"loss_type": "sapo", "epsilon": 1.0, "epsilon_high": 0.5},
+    {"loss_type": "grpo", "epsilon": 1.0},  # lower bound 0: never binds
+    FULL,
     {"loss_type": "grpo", "reward_weights": [1.0, 0.5], "multi_objective_aggregation": "normalize_then_sum"},
     {"loss_type": "grpo", "generation_batch_size": 64, "per_device_train_batch_size": 16},
 ]
@@ -59,7 +62,7 @@ def test_round_trip_from_trl_to_trl(config):
 def test_round_trip_keeps_every_given_field():
     """Fields set in the TRL config come back with the same value, except the micro-batching, which to_trl
     writes as one micro-batch per optimizer step (the same minibatches and generation batch)."""
-    config = TRL_CONFIGS[10]
+    config = FULL
     back = to_trl(from_trl(config).algo, from_trl(config).train)
     schedule = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation")
     for key, value in config.items():
@@ -103,7 +106,7 @@ def test_dapo_preset_without_dynamic_sampling_is_trl_bnpo_and_with_global_norm_d
 
 
 def test_dict_and_object_give_the_same_translation():
-    config = TRL_CONFIGS[10]
+    config = FULL
     as_dict = from_trl(config)
     as_obj = from_trl(SimpleNamespace(**{**TRL_DEFAULTS, **config}))
     assert as_dict.algo == as_obj.algo and as_dict.train == as_obj.train and as_dict.notes == as_obj.notes

@@ -353,8 +353,8 @@ def from_trl(config: Any) -> Translation:
         algo.update(pg_objective="sapo", loss_agg_mode="seq-mean-token-mean",
                     sapo_tau_pos=_real("sapo_temperature_pos", g("sapo_temperature_pos"), lo=0.0, lo_open=True),
                     sapo_tau_neg=_real("sapo_temperature_neg", g("sapo_temperature_neg"), lo=0.0, lo_open=True))
-        if 0.0 < eps_low < 1.0 and eps_high > 0:  # not read by sapo's loss; kept for the round trip
-            algo.update(eps_low=eps_low, eps_high=eps_high)
+        if eps_low > 0 and eps_high > 0:  # not read by sapo's loss; kept for the round trip
+            algo.update(eps_low=min(eps_low, 1.0), eps_high=eps_high)
         if delta is not None:
             notes.append("delta is not read under loss_type='sapo' (TRL 1.16.0), so it is not translated")
     if ent > 0:
@@ -528,8 +528,7 @@ def to_trl(cfg: AlgoConfig, train: Optional[Dict[str, Any]] = None) -> Dict[str,
             refuse("dual_clip", "TRL's sapo has no dual clip")
         loss_type = "sapo"
         out.update(sapo_temperature_pos=a("sapo_tau_pos"), sapo_temperature_neg=a("sapo_tau_neg"))
-        if cfg.eps_low < 1.0:
-            out.update(epsilon=cfg.eps_low, epsilon_high=cfg.eps_high)
+        out.update(epsilon=cfg.eps_low, epsilon_high=cfg.eps_high)  # not read by TRL's sapo; kept for the trip
     else:
         refuse("pg_objective", f"no TRL loss_type for {objective!r}")
     if mode == "seq-mean-token-sum-norm":
