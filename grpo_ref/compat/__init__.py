@@ -7,18 +7,10 @@ Every loss-relevant field is mapped or refused with :class:`UnsupportedSetting` 
 ``VERL_FIELDS`` list each field next to grpo_ref's, as the book's page "Check your TRL or verl configuration" shows.
 """
 from ._common import FieldMapping, Translation, UnsupportedSetting
+from .trl import FIELDS as TRL_FIELDS
+from .trl import from_trl, to_trl
+from .verl import FIELDS as VERL_FIELDS
+from .verl import from_verl, to_verl
 
-__all__ = ["FieldMapping", "Translation", "UnsupportedSetting"]
-
-try:  # the two translators are written in parallel; each joins __all__ once its module exists
-    from .trl import FIELDS as TRL_FIELDS, from_trl, to_trl  # noqa: F401
-
-    __all__ += ["TRL_FIELDS", "from_trl", "to_trl"]
-except ImportError:  # pragma: no cover - removed once both modules land
-    pass
-try:
-    from .verl import FIELDS as VERL_FIELDS, from_verl, to_verl  # noqa: F401
-
-    __all__ += ["VERL_FIELDS", "from_verl", "to_verl"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["FieldMapping", "Translation", "UnsupportedSetting", "TRL_FIELDS", "VERL_FIELDS", "from_trl", "to_trl",
+           "from_verl", "to_verl"]
