@@ -6,35 +6,43 @@ estimator, which ratio (token/sequence), which clip range, where the KL goes (lo
 losses are aggregated. ``PRESETS`` holds the published recipes; ``LOSS_REGISTRY`` maps ``loss_fn`` to
 :func:`grpo_loss` (actor only) or :func:`ppo_loss` (actor + critic + entropy), both ``(LossInputs, cfg) -> (loss, metrics)``.
 
-Mapping of the fields to TRL (``GRPOConfig``) and verl (``actor_rollout_ref.actor`` / ``algorithm``) options:
+Mapping of the fields to TRL 1.16.0 (``GRPOConfig``) and verl 0.9.1 (``actor_rollout_ref.actor.`` = ``actor.``,
+``algorithm.``) in brief; :mod:`grpo_ref.compat` translates whole configurations both ways and its ``TRL_FIELDS`` /
+``VERL_FIELDS`` tables list every loss-relevant field, each checked against the framework's own code by
+``tests/test_conformance_trl.py`` and ``tests/test_conformance_verl.py``:
 
-=====================  ===========================================  ============================================
-field                  TRL                                          verl
-=====================  ===========================================  ============================================
-group_size             ``num_generations``                          ``rollout.n``
-adv_estimator          GRPO only (``grpo``)                         ``algorithm.adv_estimator``
-adv_scale              ``scale_rewards`` (group/batch/none)         ``norm_adv_by_std_in_grpo`` (True/False)
-adv_eps                1e-4 (fixed)                                 1e-6 (fixed)
-eps_low / eps_high     ``epsilon`` / ``epsilon_high``               ``clip_ratio_low`` / ``clip_ratio_high``
-dual_clip              (none; ``delta`` is a different cap)         ``clip_ratio_c``
-ratio_level            ``importance_sampling_level``                ``policy_loss.loss_mode="gspo"``
-loss_agg_mode          ``loss_type`` (grpo/bnpo/dr_grpo/dapo)       ``loss_agg_mode``
-norm_length            ``max_completion_length`` (dr_grpo)          ``loss_scale_factor``
-kl_coef                ``beta``                                     ``kl_loss_coef`` / ``kl_ctrl.kl_coef``
-kl_estimator           k3 (fixed)                                   ``kl_loss_type`` / ``kl_penalty``
-kl_placement           loss (fixed)                                 ``use_kl_loss`` / ``use_kl_in_reward``
-gamma / lam            (none)                                       ``algorithm.gamma`` / ``algorithm.lam``
-vf_coef / value_clip   PPOTrainer ``vf_coef``, ``cliprange_value``   ``critic.cliprange_value``
-ent_coef               (none)                                       ``entropy_coeff``
-overlong_buffer        (reward function)                            ``reward_model.overlong_buffer.len``
-filter_groups          (none)                                       ``algorithm.filter_groups.enable``
-pg_objective           ``loss_type`` (cispo/sapo)                   ``policy_loss.loss_mode`` (cispo/sapo)
-sapo_tau_pos/neg       ``sapo_temperature_pos/neg``                 ``policy_loss.tau_pos/neg``
-kl_ratio_weighted      ``use_bias_correction_kl``                   (none)
-ent_agg_mode           token-mean (fixed)                           ``loss_agg_mode``
-global_token_norm      dapo/cispo ``num_items_in_batch``            ``agg_loss(batch_num_tokens=...)``
-unscorable             zero_advantage (None from every reward fn)   (none)
-=====================  ===========================================  ============================================
+=====================  =============================================  ==============================================
+field                  TRL                                            verl
+=====================  =============================================  ==============================================
+group_size             ``num_generations``                            ``rollout.n``
+adv_estimator          ``grpo`` only                                  ``algorithm.adv_estimator``
+adv_scale              ``scale_rewards`` (group/batch/none)           ``norm_adv_by_std_in_grpo`` (no batch scale)
+adv_eps                1e-4 (fixed)                                   1e-6 (fixed)
+eps_low / eps_high     ``epsilon`` / ``epsilon_high``                 ``clip_ratio_low`` / ``clip_ratio_high``
+dual_clip              ``delta`` if ``delta >= 1 + epsilon_high``     ``clip_ratio_c`` (on by default: 3.0)
+ratio_level            ``importance_sampling_level``                  ``policy_loss.loss_mode="gspo"``
+pg_objective           ``loss_type`` cispo / sapo                     ``policy_loss.loss_mode`` cispo / sapo
+loss_agg_mode          ``loss_type`` grpo/bnpo/dr_grpo/dapo/luspo     ``loss_agg_mode`` (+ ``token-sum``)
+global_token_norm      ``loss_type`` dapo / cispo (TRL's default)     global batch token count
+norm_length            ``max_completion_length`` (dr_grpo)            ``loss_scale_factor``
+kl_coef                ``beta`` (default 0)                           ``kl_loss_coef`` / ``kl_ctrl.kl_coef``
+kl_estimator           k3, no clamp                                   ``kl_loss_type`` / ``kl_penalty``
+kl_ratio_weighted      ``use_bias_correction_kl`` (default True)      (none)
+kl_placement           loss (fixed)                                   ``use_kl_loss`` / ``use_kl_in_reward``
+gamma / lam            (none)                                         ``algorithm.gamma`` / ``algorithm.lam``
+vf_coef / value_clip   (no critic)                                    critic optimiser / ``critic.cliprange_value``
+ent_coef               ``entropy_coef``                               ``entropy_coeff``
+ent_agg_mode           token-mean (fixed)                             ``loss_agg_mode``
+sapo_tau_pos / neg     ``sapo_temperature_pos`` / ``_neg``            ``tau_pos`` / ``tau_neg``
+unscorable             zero_advantage (every reward function None)    (none)
+overlong_buffer        (a reward function)                            ``reward_model.overlong_buffer.len``
+filter_groups          (none)                                         ``algorithm.filter_groups.enable``
+=====================  =============================================  ==============================================
+
+Where "the same" needs a qualification: TRL's k3 has no clamp and grpo_ref's clamps ``ref - lp`` at +-20; verl's
+``k3`` / ``low_var_kl`` also clamps the value to [-10, 10] (grpo_ref's ``kl_estimator="low_var_kl"``); a TRL
+``delta`` below ``1 + epsilon_high`` also lowers the upper clip (``from_trl`` maps it exactly); TRL's ``luspo`` is
+``seq-mean-token-sum``.
 """
 from __future__ import annotations
 

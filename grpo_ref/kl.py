@@ -6,7 +6,9 @@ Samples ``y ~ pi_theta`` (the policy), target ``KL(pi_theta || pi_ref)``. With `
 * ``k1 = -log r = lp - ref``                 unbiased, high variance, often negative;
 * ``k2 = (log r)^2 / 2``                     biased, low variance, >= 0;
 * ``k3 = (r - 1) - log r``                   unbiased, >= 0, low variance. This is DeepSeekMath eq. 4,
-  ``pi_ref/pi - log(pi_ref/pi) - 1``, GRPO's KL term, TRL's KL and verl's ``low_var_kl``.
+  ``pi_ref/pi - log(pi_ref/pi) - 1``, GRPO's KL term and TRL 1.16.0's KL (which clamps nothing, and by
+  default multiplies it by the importance ratio: ``AlgoConfig.kl_ratio_weighted``); verl's ``k3`` /
+  ``low_var_kl`` also clamps the value, see ``low_var_kl`` below.
 
 Used as *losses* (gradient through ``lp`` of a fixed on-policy sample) they differ again: ``E[grad k1] = 0``,
 ``E[grad k2] = grad KL(pi || ref)`` (reverse KL), ``E[grad k3] = grad KL(ref || pi)`` (forward KL);
