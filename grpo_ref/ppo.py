@@ -61,11 +61,17 @@ def _value_loss(v, old, ret, m, clip_range, loss_agg_mode, norm):
     return loss, {"vf_clip_frac": _masked_mean(clipped_frac, m).detach(), "value_mean": _masked_mean(v.detach(), m)}
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str = "token-mean") -> torch.Tensor:
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str = "token-mean", norm_length: Optional[float] = None
+) -> torch.Tensor:
     """Aggregated entropy ``agg(H_t)`` (``[B, T]`` -> scalar); the total loss subtracts ``ent_coef`` times it.
 
-    Refused inputs: as :func:`~grpo_ref.aggregation.aggregate`, with ``entropy`` in the messages."""
-    h, m, norm = _check_aggregate_args("entropy", entropy, mask, loss_agg_mode, None)
+    ``loss_agg_mode`` and ``norm_length`` as in :func:`~grpo_ref.aggregation.aggregate` (the bonus inside
+    :func:`~grpo_ref.algorithms.compute_loss` uses ``ent_agg_mode or loss_agg_mode`` and the config's
+    ``norm_length``; TRL 1.16.0's ``entropy_coef`` bonus is always ``"token-mean"``, verl 0.9.1's ``entropy_coeff``
+    uses its ``loss_agg_mode``). Refused inputs: as :func:`~grpo_ref.aggregation.aggregate`, with ``entropy`` in the
+    messages."""
+    h, m, norm = _check_aggregate_args("entropy", entropy, mask, loss_agg_mode, norm_length)
     return _aggregate(h, m, loss_agg_mode, norm)
 
 

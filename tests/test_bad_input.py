@@ -227,8 +227,9 @@ add_spec(Spec("masked_whiten", G.masked_whiten, lambda: dict(values=_bt(4), mask
               scalars={"eps": NON_NEGATIVE, "shift_mean": ["no", 0], "unbiased": [1]}, empty=_zero_or_empty))
 add_spec(Spec("aggregate", G.aggregate, lambda: dict(loss_mat=_bt(5), mask=MASK, loss_agg_mode="seq-mean-token-sum-norm"),
               {"loss_mat": "masked"}, scalars={"norm_length": POSITIVE, "loss_agg_mode": ["mean", None, 3]}, empty=_zero_loss))
-add_spec(Spec("entropy_bonus", G.entropy_bonus, lambda: dict(entropy=_bt(6).abs(), mask=MASK), {"entropy": "masked"},
-              scalars={"loss_agg_mode": ["sum"]}, empty=_zero_loss))
+add_spec(Spec("entropy_bonus", G.entropy_bonus, lambda: dict(entropy=_bt(6).abs(), mask=MASK,
+                                                             loss_agg_mode="seq-mean-token-sum-norm"),
+              {"entropy": "masked"}, scalars={"loss_agg_mode": ["sum"], "norm_length": POSITIVE}, empty=_zero_loss))
 for est in ("k1", "k2", "k3"):
     add_spec(Spec(f"kl_{est}", getattr(G, f"kl_{est}"), lambda: dict(logp=_logp(7), ref_logp=_logp(8)),
                   {"logp": "all", "ref_logp": "all"}, mask=None, scalars={"max_log_ratio": POSITIVE}, empty=_zero_or_empty))

@@ -329,6 +329,21 @@ def test_entropy_bonus_aggregation(loss_mode, ent_mode, norm_length):
     assert float(without - with_bonus) == pytest.approx(0.25 * slow, rel=1e-12)
 
 
+@pytest.mark.parametrize("mode,norm_length", [("seq-mean-token-sum-norm", None), ("seq-mean-token-sum-norm", 13),
+                                              ("token-mean", None), ("seq-mean-token-mean", None)])
+def test_entropy_bonus_function_equals_the_bonus_inside_the_loss(mode, norm_length):
+    """The public ``entropy_bonus`` and the bonus ``compute_loss`` subtracts are one aggregation: same mode, same
+    ``norm_length`` (under seq-mean-token-sum-norm both divide by ``norm_length``, not by T)."""
+    b = _batch(15)
+    cfg = G.AlgoConfig(loss_agg_mode=mode, norm_length=norm_length, kl_coef=0.0)
+    with_bonus, _ = G.compute_loss(_inputs(b), cfg.replace(ent_coef=0.5))
+    without, _ = G.compute_loss(_inputs(b), cfg)
+    bonus = G.entropy_bonus(b["ent"], MASK, mode, norm_length=norm_length)
+    assert float(without - with_bonus) == pytest.approx(0.5 * float(bonus), rel=1e-12)
+    if norm_length is not None:
+        assert float(bonus) != pytest.approx(float(G.entropy_bonus(b["ent"], MASK, mode)), rel=1e-3)
+
+
 def test_global_token_norm_makes_minibatches_add_up_to_the_batch():
     """TRL dapo: with ``num_tokens`` = the whole batch's token count, the minibatch losses (and gradients) sum to the
     full batch's token-mean loss, however unevenly the tokens fall into the minibatches."""
