@@ -80,7 +80,7 @@ def _abs(logp, ref_logp, max_log_ratio):
     return _log_ratio(logp, ref_logp, max_log_ratio).abs()
 
 
-#: verl 0.9.1 kl_penalty_forward's guards for low_var_kl: the log-ratio clamp and the value clamp.
+#: The two guards of verl 0.9.1's kl_penalty_forward for low_var_kl, the log-ratio clamp and the value clamp.
 LOW_VAR_KL_LOG_RATIO_CLAMP = 20.0
 LOW_VAR_KL_VALUE_CLAMP = 10.0
 

@@ -1,4 +1,4 @@
-"""TRL 1.16.0 ``GRPOConfig`` <-> grpo_ref: :func:`from_trl`, :func:`to_trl` and the field table :data:`FIELDS`.
+"""TRL 1.16.0 ``GRPOConfig`` <-> grpo_ref: :func:`from_trl`, :func:`to_trl` and the field table ``FIELDS``.
 
 Read against TRL 1.16.0: ``trl/trainer/grpo_config.py`` (every field and its default, ``GRPOConfig.__post_init__``
 for ``steps_per_generation`` / ``generation_batch_size``) and ``trl/trainer/grpo_trainer.py``
@@ -6,7 +6,7 @@ for ``steps_per_generation`` / ``generation_batch_size``) and ``trl/trainer/grpo
 ``GRPOTrainer._prepare_inputs`` for the update schedule, ``SyncRefModelCallback`` in ``trl/trainer/callbacks.py``
 for the reference sync). Nothing here imports TRL: a config is read duck-typed (a dict of ``GRPOConfig`` keyword
 arguments, or any object with those attributes, e.g. a ``GRPOConfig``); a key missing from a dict takes TRL 1.16.0's
-default (:data:`TRL_DEFAULTS`; note ``loss_type="dapo"``, ``beta=0.0``, ``use_bias_correction_kl=True``).
+default (``TRL_DEFAULTS``; note ``loss_type="dapo"``, ``beta=0.0``, ``use_bias_correction_kl=True``).
 
 How TRL's update schedule maps to grpo_ref's (one process; TRL splits the same batch across processes):
 
@@ -21,7 +21,7 @@ How TRL's update schedule maps to grpo_ref's (one process; TRL splits the same b
   minibatch (equal micro-batch sizes). ``bnpo`` and the entropy bonus take a token mean per micro-batch: exact when
   ``gradient_accumulation_steps == 1``, otherwise a note says so.
 
-Differences that remain (listed in :attr:`Translation.notes`): grpo_ref clamps the log-ratio ``lp - old`` and the KL's
+Differences that remain (listed in ``Translation.notes``): grpo_ref clamps the log-ratio ``lp - old`` and the KL's
 ``ref - lp`` to ``+-20`` before ``exp``, TRL does not (equal wherever ``|log-ratio| <= 20``); TRL's ``bnpo`` and
 entropy bonus under gradient accumulation (above). TRL's advantage epsilon is fixed at 1e-4 (``adv_eps``), and TRL
 gives a completion that every reward function scored None advantage 0 (``unscorable="zero_advantage"``).
@@ -262,7 +262,7 @@ def from_trl(config: Any) -> Translation:
     ``train`` the loop settings (``group_size``, ``ppo_epochs``, ``minibatches``, ``prompts_per_step``,
     ``max_new_tokens``, ``truncation``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``ref_sync_every``,
     ``ref_sync_alpha``, ``lr``, ``weight_decay``; and for :func:`~grpo_ref.advantages.combine_rewards`:
-    ``reward_weights``, ``reward_aggregation``, ``reward_scale``); ``notes`` the differences that remain. The row of :data:`FIELDS` for each field says how it maps.
+    ``reward_weights``, ``reward_aggregation``, ``reward_scale``); ``notes`` the differences that remain. The row of ``FIELDS`` for each field says how it maps.
 
     Raises :class:`~grpo_ref.compat.UnsupportedSetting` (a ``ValueError``) naming the field for a setting with no
     grpo_ref equivalent (``loss_type="vespo"``, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, the
@@ -452,7 +452,7 @@ _TRAIN_KEYS_IGNORED = ("reward_scale", "steps", "seed", "eval_every", "device", 
 def to_trl(cfg: AlgoConfig, train: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """``GRPOConfig`` keyword arguments (TRL 1.16.0) whose loss and advantages are ``cfg``'s.
 
-    ``train``: optional loop settings, keys as in :attr:`Translation.train` (``prompts_per_step``, ``ppo_epochs``,
+    ``train``: optional loop settings, keys as in ``Translation.train`` (``prompts_per_step``, ``ppo_epochs``,
     ``minibatches``, ``max_new_tokens``, ``truncation``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
     ``ref_sync_every``, ``ref_sync_alpha``, ``lr``, ``weight_decay``, ``reward_weights``, ``reward_aggregation``);
     loop-only keys (``steps``, ``seed``, ``eval_every``, ...) are skipped, any other key is refused. The schedule is

@@ -7,7 +7,7 @@
   whose :class:`~grpo_ref.algorithms.AlgoConfig` gives the same loss and advantages as verl's code.
 * :func:`to_verl` writes an :class:`~grpo_ref.algorithms.AlgoConfig` (and optionally training-loop settings) as
   flat dotted keys, the Hydra override form: ``python -m verl.trainer.main_ppo key=value ...``.
-* :data:`FIELDS`: one :class:`~grpo_ref.compat.FieldMapping` row per loss-relevant verl field.
+* ``FIELDS``: one :class:`~grpo_ref.compat.FieldMapping` row per loss-relevant verl field.
 
 Nothing here imports verl or omegaconf. A setting that changes verl's loss and has no grpo_ref equivalent raises
 :class:`~grpo_ref.compat.UnsupportedSetting` naming the field. Missing fields take verl 0.9.1's defaults (from
@@ -364,7 +364,7 @@ def from_verl(config: Any) -> Translation:
         config: a nested dict (``{"algorithm": {"adv_estimator": "grpo"}, "actor_rollout_ref": {...}}``), a flat
             dict of dotted keys (Hydra overrides; a leading ``+`` is dropped, string values are parsed), or an
             object with attributes (OmegaConf ``DictConfig``, verl's dataclasses). Missing fields take verl's
-            defaults (:data:`DEFAULTS`).
+            defaults (``DEFAULTS``).
 
     Returns:
         a :class:`~grpo_ref.compat.Translation`: ``algo`` whose loss and advantages equal verl's (see the module
@@ -374,10 +374,10 @@ def from_verl(config: Any) -> Translation:
 
     Raises:
         UnsupportedSetting: a setting that changes verl's loss and has no grpo_ref equivalent (the message names
-            the field): the refused rows of :data:`FIELDS`, ``use_kl_loss`` together with ``use_kl_in_reward``
+            the field): the refused rows of ``FIELDS``, ``use_kl_loss`` together with ``use_kl_in_reward``
             (both with a coefficient > 0), ``sapo`` with a KL loss aggregated other than seq-mean-token-mean, a
             critic ``loss_agg_mode`` other than the actor's, an estimator needing groups with ``rollout.n < 2``.
-        ValueError: a field of the wrong type (naming it), or a value :class:`AlgoConfig` refuses.
+        ValueError: a field of the wrong type (naming it), or a value :class:`~grpo_ref.algorithms.AlgoConfig` refuses.
     """
     get, given = _reader(config)
     notes: List[str] = []

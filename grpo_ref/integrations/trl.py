@@ -1,7 +1,7 @@
 """grpo_ref's loss inside TRL 1.16.0's ``GRPOTrainer``: TRL's engine (accelerate, DeepSpeed, FSDP, vLLM), our loss.
 
 ``grpo_ref_trainer_class()`` imports TRL and returns ``GRPORefTrainer``, a subclass of
-``trl.GRPOTrainer`` that takes one extra keyword, ``algo`` (an :class:`~grpo_ref.AlgoConfig`), and overrides
+``trl.GRPOTrainer`` that takes one extra keyword, ``algo`` (an :class:`~grpo_ref.algorithms.AlgoConfig`), and overrides
 ``GRPOTrainer._compute_loss`` (``trl/trainer/grpo_trainer.py``, TRL 1.16.0) so that the loss TRL back-propagates
 is ``grpo_ref.compute_loss(LossInputs(logp, old_logp, advantages, mask, ref_logp, entropy), algo)``:
 
@@ -23,7 +23,7 @@ What is grpo_ref's and what stays TRL's:
   (``_generate_and_score_completions``: group mean, ``scale_rewards``, eps 1e-4, unscorable rows get 0),
   the reference model, the optimiser, gradient accumulation, multi-process data parallelism.
 
-So the :class:`~grpo_ref.AlgoConfig` fields of the advantages do not apply, and a value that would be silently
+So the :class:`~grpo_ref.algorithms.AlgoConfig` fields of the advantages do not apply, and a value that would be silently
 ignored is refused with a ``ValueError`` (see :func:`check_algo_for_trl`): ``loss_fn`` other than ``"grpo"`` (a
 critic, which TRL's GRPOTrainer has not), ``adv_estimator`` other than ``"grpo"``, ``kl_placement="reward"``
 with ``kl_coef > 0``, ``whiten_advantages``, ``overlong_buffer`` (write it as a TRL reward function),
@@ -36,7 +36,7 @@ scalings). ``adv_eps`` (TRL uses 1e-4), ``gamma``, ``lam``, ``vf_coef``, ``value
 Conversely the ``GRPOConfig`` fields that only TRL's own loss reads (``TRL_LOSS_FIELDS``: ``loss_type``,
 ``epsilon``, ``epsilon_high``, ``delta``, ``importance_sampling_level``, ``use_bias_correction_kl``,
 ``entropy_coef``, ...) are not read by ``GRPORefTrainer``; one set to anything but TRL's default is refused, with
-the :class:`~grpo_ref.AlgoConfig` field to set instead. TRL's defaults are themselves a loss that differs
+the :class:`~grpo_ref.algorithms.AlgoConfig` field to set instead. TRL's defaults are themselves a loss that differs
 from grpo_ref's ``grpo`` preset: ``loss_type="dapo"`` with ``use_bias_correction_kl=True`` is
 ``get_preset("dapo", filter_groups=False, eps_high=0.2, global_token_norm=True, kl_ratio_weighted=True,
 kl_coef=beta, group_size=num_generations)``.
@@ -69,7 +69,7 @@ from ..algorithms import AlgoConfig, LossInputs, compute_loss
 __all__ = ["TRL_LOSS_FIELDS", "check_algo_for_trl", "grpo_ref_trainer_class", "make_trainer"]
 
 #: ``GRPOConfig`` fields (TRL 1.16.0) read only by ``GRPOTrainer._compute_loss``; ``GRPORefTrainer`` replaces that
-#: method, so each must keep TRL's default. Value: what to set in :class:`~grpo_ref.AlgoConfig` instead.
+#: method, so each must keep TRL's default. Value: what to set in :class:`~grpo_ref.algorithms.AlgoConfig` instead.
 TRL_LOSS_FIELDS: Dict[str, str] = {
     "loss_type": "loss_agg_mode (and global_token_norm for TRL's 'dapo'), pg_objective for 'cispo'/'sapo'",
     "epsilon": "eps_low",
