@@ -101,3 +101,13 @@ def holey_mask(batch: int, seq_len: int, seed: int, dtype=torch.float32, device=
             on = not on
         mask[i, seq_len - int(torch.randint(0, 3, (1,), generator=g)) :] = 0.0  # right padding
     return mask.to(dtype).to(device)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): tiny models run many times faster on one thread than on
+    two on a shared 2-core CPU. Modules with tiny trainers use it with ``pytestmark = pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,12 +30,7 @@ TINY = ["--warm-max-steps", "3", "--n-layer", "1", "--n-embd", "32", "--prompts"
         "--eval-every", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def _run(capsys, *argv):

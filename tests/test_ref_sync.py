@@ -21,12 +21,7 @@ from grpo_ref.tasks import AdditionTask
 from grpo_ref.trainer import TIME_METRICS, Trainer, TrainConfig, _adam_steps, global_token_normaliser
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def _task():

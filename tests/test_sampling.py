@@ -22,12 +22,7 @@ from grpo_ref.trainer import Trainer, TrainConfig, response_logprobs
 rollout_module = importlib.import_module("grpo_ref.rollout")  # grpo_ref.rollout is also a function
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 # -- the definitions, written as loops over one row ------------------------------------------------------------------

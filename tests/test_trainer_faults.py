@@ -23,13 +23,7 @@ from grpo_ref.tasks import AdditionTask
 from grpo_ref.trainer import TIME_METRICS, NonFiniteError, Trainer, TrainConfig, load_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def _task(**kw):
