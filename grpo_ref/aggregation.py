@@ -8,7 +8,7 @@ mode                           scalar                                           
 ``seq-mean-token-mean``        ``(1/B) sum_i (1/max(1, L_i)) sum_t m l``         GRPO paper [``grpo``]
 ``token-mean``                 ``sum_{i,t} m l / max(1, sum_{i,t} m)``           DAPO [``bnpo``; ``dapo`` across processes]
 ``seq-mean-token-sum-norm``    ``(1/B) sum_i sum_t m l / norm_length``           Dr. GRPO [``dr_grpo``]
-``seq-mean-token-sum``         ``(1/B) sum_i sum_t m l``                         REINFORCE-style sums
+``seq-mean-token-sum``         ``(1/B) sum_i sum_t m l``                         REINFORCE-style sums [``luspo``]
 ``token-sum``                  ``sum_{i,t} m l``                                 verl 0.9.1 ``agg_loss`` ``"token-sum"``
 =============================  ================================================  ==========================================
 
@@ -21,8 +21,9 @@ batch_num_tokens=...)``: every token of a rollout then weighs the same, whicheve
 ``norm_length`` should be a constant of the run (the generation budget, TRL's ``max_completion_length``);
 it defaults to ``T = mask.shape[-1]``, which is verl's default ``loss_scale_factor`` and is only constant if the
 batches are padded to a fixed length. verl before 2025-09 divided the token sum by ``T`` without the ``1/B``.
-Under ``seq-mean-token-mean`` an empty response contributes 0 but still counts in ``B`` (TRL's convention;
-recent verl drops fully masked sequences from the count).
+Under ``seq-mean-token-mean`` an empty response contributes 0 but still counts in ``B`` (TRL's convention, and
+verl 0.9.1's when its trainer passes the global batch size; ``agg_loss`` called without it drops fully masked
+sequences from the count).
 """
 from __future__ import annotations
 
