@@ -30,7 +30,7 @@ import torch
 from .metrics_log import METRICS_FILE, load_metrics, metrics_path
 from .sft import warm_start_policy
 from .tasks import AdditionTask
-from .trainer import Trainer, TrainConfig
+from .trainer import TrainConfig, Trainer
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 RUN_FILES = ("config.json", METRICS_FILE, "metrics.png", "checkpoint.pt")

@@ -27,7 +27,7 @@ sequences from the count).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, cast
 
 import torch
 
@@ -96,5 +96,5 @@ def _aggregate(
     if mode == "seq-mean-token-mean":
         seq = seq / m.sum(-1).clamp_min(1.0)
     elif mode == "seq-mean-token-sum-norm":
-        seq = seq / norm
+        seq = seq / cast(float, norm)  # resolved by _check_aggregate_args for this mode
     return seq.mean() if seq.numel() else seq.sum()

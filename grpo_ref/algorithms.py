@@ -47,11 +47,10 @@ Where "the same" needs a qualification: TRL's k3 has no clamp and grpo_ref's cla
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import fields as dataclass_fields
+from typing import Callable, Dict, Optional, Tuple, cast
 
 import torch
-
-from dataclasses import fields as dataclass_fields
 
 from ._checks import (
     as_float,
@@ -71,8 +70,8 @@ from ._checks import (
 from .advantages import (
     ADV_SCALES,
     _nan_grpo_advantages,
-    _nan_rloo_advantages,
     _nan_reinforce_pp_baseline,
+    _nan_rloo_advantages,
     gae_advantages,
     grpo_advantages,
     overlong_penalty,
@@ -82,8 +81,8 @@ from .advantages import (
 from .aggregation import LOSS_AGG_MODES, _aggregate, check_num_tokens
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_sum, _masked_whiten
-from .surrogate import PG_OBJECTIVES, RATIO_LEVELS, policy_loss
 from .ppo import value_loss
+from .surrogate import PG_OBJECTIVES, RATIO_LEVELS, policy_loss
 
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
@@ -372,15 +371,16 @@ def compute_advantages(
             if name == "values" or kl_reward:
                 check_finite(name, x, where=m)
     if cfg.overlong_buffer is not None:
+        assert cfg.max_response_length is not None  # AlgoConfig refuses overlong_buffer without it
         scores = scores + overlong_penalty(m.sum(-1), cfg.max_response_length, cfg.overlong_buffer).to(scores)
     beta = cfg.kl_coef if kl_reward else 0.0
-    dtype = as_float(old_logp).dtype if kl_reward else m.dtype
+    dtype = as_float(cast(torch.Tensor, old_logp)).dtype if kl_reward else m.dtype  # not None: refused above
     token_rewards = torch.zeros(m.shape, dtype=dtype, device=m.device)
     seq_scores = scores
     if kl_reward:  # token estimators get -beta * k(t) per token; sequence estimators see score - beta * sum_t k(t)
         zero = torch.zeros((), dtype=dtype, device=m.device)
-        old = torch.where(on, as_float(old_logp).detach(), zero)
-        ref = torch.where(on, as_float(ref_logp).detach().to(dtype), zero)
+        old = torch.where(on, as_float(cast(torch.Tensor, old_logp)).detach(), zero)
+        ref = torch.where(on, as_float(cast(torch.Tensor, ref_logp)).detach().to(dtype), zero)
         kl = _ESTIMATORS[cfg.kl_estimator](old, ref, 20.0)
         token_rewards = -beta * kl * m
         seq_scores = scores - beta * _masked_sum(kl, m.to(dtype), dim=-1)

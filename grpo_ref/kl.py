@@ -39,8 +39,17 @@ from typing import Optional
 
 import torch
 
-from ._checks import NonFiniteInputError, _first_bad, as_float, clamp, check_choice, check_finite, check_float_tensor, check_optional_real, check_same_shape
-
+from ._checks import (
+    NonFiniteInputError,
+    _first_bad,
+    as_float,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_optional_real,
+    check_same_shape,
+    clamp,
+)
 
 
 def _check_log_ratio_args(logp, ref_logp, max_log_ratio) -> Optional[float]:

@@ -9,7 +9,17 @@ from typing import Optional
 
 import torch
 
-from ._checks import as_float, check_bool, check_dim, check_finite, check_ids, check_int, check_mask, check_real, check_tensor
+from ._checks import (
+    as_float,
+    check_bool,
+    check_dim,
+    check_finite,
+    check_ids,
+    check_int,
+    check_mask,
+    check_real,
+    check_tensor,
+)
 
 
 def _lengths_arg(name: str, x, device=None) -> torch.Tensor:

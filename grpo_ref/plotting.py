@@ -45,7 +45,9 @@ def _finish(fig, path: Optional[str]):
 def series(run: Run, key: str, x: str = "step") -> Tuple[List[float], List[float]]:
     """``(xs, ys)`` of the records holding ``key``; ``clip_frac`` is ``clip_frac_low + clip_frac_high``.
     ``x="samples"`` gives the cumulative number of sampled completions."""
-    xs, ys, total = [], [], 0.0
+    xs: List[float] = []
+    ys: List[float] = []
+    total = 0.0
     for rec in run:
         total += rec.get("samples", 0.0)
         value = rec.get(key)
@@ -77,7 +79,7 @@ def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequ
     cols = min(4, len(present))
     rows = (len(present) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, present):
+    for ax, (key, label) in zip(axes.flat, present, strict=False):
         xs, ys = series(run, key)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
         ax.set_xlabel("training step")

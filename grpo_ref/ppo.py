@@ -5,7 +5,19 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, clamp, check_2d, check_choice, check_finite, check_float_tensor, check_mask, check_optional_real, check_real, check_same_shape, check_tensor
+from ._checks import (
+    as_float,
+    check_2d,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_mask,
+    check_optional_real,
+    check_real,
+    check_same_shape,
+    check_tensor,
+    clamp,
+)
 from .aggregation import _aggregate, _check_aggregate_args
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean

@@ -16,7 +16,7 @@ convention of :mod:`grpo_ref.advantages`):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,6 @@ from ._checks import check_bool, check_choice, check_ids, check_int, check_mask,
 from .logprobs import _token_logprobs
 from .masks import response_mask
 from .model import lm_logits, position_ids_from_mask
-
 
 TRUNCATION_MODES = ("keep", "mask", "penalize")
 
@@ -239,8 +238,9 @@ class Rollout:
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The rollout restricted to ``rows`` (a 1-D index or bool tensor); ``group_size`` unchanged."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Rollout(**{k: (v[rows.to(v.device)] if torch.is_tensor(v) else v) for k, v in kw.items()})
+        kw: Dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        new: Dict[str, Any] = {k: (v[rows.to(v.device)] if torch.is_tensor(v) else v) for k, v in kw.items()}
+        return Rollout(**new)
 
     @staticmethod
     def cat(parts: "list[Rollout]") -> "Rollout":

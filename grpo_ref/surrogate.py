@@ -36,7 +36,19 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._checks import as_float, clamp, check_bool, check_choice, check_scalar_result, check_finite, check_float_tensor, check_optional_real, check_real, check_same_shape, check_2d
+from ._checks import (
+    as_float,
+    check_2d,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_optional_real,
+    check_real,
+    check_same_shape,
+    check_scalar_result,
+    clamp,
+)
 from .aggregation import _aggregate, _check_aggregate_args, check_num_tokens
 from .kl import _ESTIMATORS, KL_ESTIMATORS
 from .masks import _masked_mean

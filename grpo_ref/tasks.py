@@ -211,7 +211,7 @@ class AdditionTask:
         tok = self.tokenizer
         rewards = torch.zeros(pairs.shape[0], dtype=torch.float32)
         correct = torch.zeros(pairs.shape[0], dtype=torch.bool)
-        for i, (row, (a, b)) in enumerate(zip(responses.tolist(), pairs.tolist())):
+        for i, (row, (a, b)) in enumerate(zip(responses.tolist(), pairs.tolist(), strict=False)):
             if tok.eos_id not in row:
                 continue
             body = row[: row.index(tok.eos_id)]

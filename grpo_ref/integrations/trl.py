@@ -102,13 +102,13 @@ def _defaults(args) -> Dict[str, Any]:
     if not dataclasses.is_dataclass(args):
         raise ValueError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
     out = {}
-    for f in dataclasses.fields(type(args)):
+    for f in dataclasses.fields(args):  # an instance's fields are its class's
         if f.name not in TRL_LOSS_FIELDS:
             continue
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
     return out
 
 
