@@ -25,14 +25,18 @@ from .algorithms import (
     grpo_loss,
     ppo_loss,
 )
+from .kl import KL_ESTIMATORS, categorical_kl, kl_estimate, kl_k1, kl_k2, kl_k3
+
+# isort: off
+# logprobs before fused_logprobs: the two modules import each other, and this order resolves it.
+from .logprobs import token_entropy, token_logprobs
 from .fused_logprobs import (
     token_entropy_from_hidden,
     token_logprobs_and_entropy,
     token_logprobs_and_entropy_from_hidden,
     token_logprobs_from_hidden,
 )
-from .kl import KL_ESTIMATORS, categorical_kl, kl_estimate, kl_k1, kl_k2, kl_k3
-from .logprobs import token_entropy, token_logprobs
+# isort: on
 from .masks import masked_mean, masked_sum, masked_var, masked_whiten, response_mask
 
 # From here on, with the loss modules, the training loop (chapter 3): model, rollout, sft, tasks, trainer.
