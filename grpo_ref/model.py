@@ -151,6 +151,23 @@ class TinyGPT(nn.Module):
         (any integer dtype is accepted) or outside ``[0, vocab_size)``; an ``attention_mask`` of another shape or
         with values other than 0/1; ``position_ids`` outside ``[0, block_size)``.
         """
+        h, new_cache = self._trunk(input_ids, attention_mask, position_ids, past_key_values)
+        return LMOutput(self.lm_head(h), new_cache if use_cache else None, h)
+
+    def final_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``[B, T, C]`` the input of ``lm_head`` (after ``ln_f``), without computing the ``[B, T, V]`` logits:
+        ``forward(...).logits == lm_head(final_hidden(...))`` exactly (same operations). Arguments and refusals as
+        :meth:`forward` (no cache). The fused log-prob path (:func:`grpo_ref.fused_logprobs.token_logprobs_from_hidden`)
+        reads this and ``lm_head.weight``."""
+        return self._trunk(input_ids, attention_mask, position_ids, None)[0]
+
+    def _trunk(self, input_ids, attention_mask, position_ids, past_key_values):
+        """``(ln_f output [B, T_new, C], new cache)``: everything of :meth:`forward` but ``lm_head``."""
         check_tensor("input_ids", input_ids)
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be [B, T] with B, T >= 1, got shape {tuple(input_ids.shape)}")
@@ -184,8 +201,7 @@ class TinyGPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, allowed, None if past_key_values is None else past_key_values[i])
             new_cache.append(kv)
-        h = self.ln_f(x)
-        return LMOutput(self.lm_head(h), new_cache if use_cache else None, h)
+        return self.ln_f(x), new_cache
 
 
 def tiny_gpt(config: GPTConfig, seed: int = 0) -> TinyGPT:
@@ -282,3 +298,52 @@ def hidden_size_of(model: nn.Module) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__}; build ValueModel(backbone, hidden_size) yourself")
+
+
+# Hugging Face model types whose causal-LM forward is exactly ``logits = lm_head(base_model(...)[0])``: no logit
+# scaling or soft-capping after the head (transformers 4.x/5.x GPT2LMHeadModel, LlamaForCausalLM, Mistral, Qwen2,
+# Qwen3). Others (Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...) would give
+# different log-probs from a fused head, so :func:`output_head` returns None for them and the trainer falls back
+# to the logits.
+FUSED_HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(weight [V, H], bias [V] | None)`` of the output embedding when the logits are exactly
+    ``final_hidden_states(model, ...) @ weight.T + bias``, else None (then only :func:`lm_logits` applies).
+
+    :class:`TinyGPT`: ``lm_head``. Hugging Face causal LMs of :data:`FUSED_HF_MODEL_TYPES` with a reachable
+    ``get_output_embeddings()`` (an ``nn.Linear``) and a ``base_model`` distinct from the model. Anything else
+    (other model types, wrappers, plain modules): None. Inspects the model only; runs nothing."""
+    if isinstance(model, TinyGPT):
+        return model.lm_head.weight, model.lm_head.bias
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in FUSED_HF_MODEL_TYPES:
+        return None
+    if any(getattr(cfg, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or not isinstance(base, nn.Module) or base is model:
+        return None
+    return head.weight, head.bias
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, T, H]`` the input of the output head (the rows :func:`output_head`'s weight multiplies), computed
+    without the ``[B, T, V]`` logits: :meth:`TinyGPT.final_hidden`, or a Hugging Face model's ``base_model(...)``
+    ``.last_hidden_state`` (after the final norm), with the ``position_ids`` :func:`lm_logits` passes. ``ValueError``
+    for a model :func:`output_head` does not support."""
+    if output_head(model) is None:
+        raise ValueError(f"model {type(model).__name__} has no output head the fused path can use (see grpo_ref.model.output_head)")
+    if isinstance(model, TinyGPT):
+        pos = None if attention_mask is None else position_ids_from_mask(attention_mask)
+        return model.final_hidden(input_ids, attention_mask, pos)
+    out = _call(model.base_model, input_ids, attention_mask)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None and isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        hidden = out[0]
+    if not torch.is_tensor(hidden) or hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
+        raise ValueError(f"{type(model).__name__}.base_model did not return [B, T, H] hidden states for input_ids {tuple(input_ids.shape)}")
+    return hidden

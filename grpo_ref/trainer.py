@@ -51,10 +51,11 @@ except ImportError:  # pragma: no cover - older math layer without it
     NonFiniteInputError = ()  # type: ignore[assignment,misc]
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .algorithms import GROUP_ESTIMATORS, PRESETS, AlgoConfig, LossInputs, compute_advantages, compute_loss, get_preset
+from .fused_logprobs import token_logprobs_and_entropy_from_hidden, token_logprobs_from_hidden
 from .logprobs import token_entropy, token_logprobs
 from .masks import masked_mean
 from .metrics_log import METRICS_FILE, load_metrics, sync_metrics
-from .model import GPTConfig, TinyGPT, ValueModel, hidden_size_of, lm_logits
+from .model import GPTConfig, TinyGPT, ValueModel, final_hidden_states, hidden_size_of, lm_logits, output_head
 from .rollout import TRUNCATION_MODES, Rollout, evaluate, rollout
 
 
@@ -185,6 +186,7 @@ class TrainConfig:
     min_p: float = 0.0
     ref_sync_every: int = 0  # TR-DPO reference update every this many optimizer steps (0: never)
     ref_sync_alpha: float = 1.0  # ref <- alpha * policy + (1 - alpha) * ref
+    logprob_path: str = "auto"  # "auto" (fused where the model allows), "fused" or "logits": see response_logprobs
 
     def __post_init__(self) -> None:
         for name, hint in typing.get_type_hints(TrainConfig).items():
@@ -232,6 +234,8 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid TrainConfig.{name} = {getattr(self, name)!r}")
+        if self.logprob_path not in LOGPROB_PATHS:
+            raise ValueError(f"unknown TrainConfig.logprob_path {self.logprob_path!r}; expected one of {LOGPROB_PATHS}")
         if self.truncation not in TRUNCATION_MODES:
             raise ValueError(f"unknown truncation {self.truncation!r}; expected one of {TRUNCATION_MODES}")
         _check_device(self.device)
@@ -255,15 +259,47 @@ class TrainConfig:
         return cls(**d)
 
 
+LOGPROB_PATHS = ("auto", "fused", "logits")
+
+
 def response_logprobs(
-    model: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False
+    model: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False, path: str = "auto"
 ) -> tuple:
-    """Log-probs ``[B, N]`` of the response tokens under ``model`` (one forward pass over prompt + response),
-    and their entropies ``[B, N]`` (or None). The logits at ``P - 1 + t`` score response token ``t``."""
+    """Log-probs ``[B, N]`` of the response tokens under ``model`` (one forward pass over prompt + response) at
+    ``temperature`` (TRL's convention: the
+    logits are divided by the sampling temperature before the log-softmax, TRL 1.16.0 ``_get_per_token_logps``)
+    and their entropies ``[B, N]`` (or None). Position ``P - 1 + t`` scores response token ``t``.
+
+    ``path``:
+
+    * ``"fused"``: the final hidden states ``[B, N, H]`` of those positions and the output embedding ``W [V, H]``
+      (:func:`grpo_ref.model.output_head`) go to
+      :func:`~grpo_ref.fused_logprobs.token_logprobs_and_entropy_from_hidden` (one chunked pass for log-probs
+      and entropy), so the ``[B, T, V]`` logits are never held, in the forward or the backward (the
+      approach of Liger-Kernel's fused linear losses and verl's ``use_fused_kernels``). ``ValueError`` if the
+      model has no such head (see :data:`grpo_ref.model.FUSED_HF_MODEL_TYPES`).
+    * ``"logits"``: the model's full logits ``[B, T, V]`` (:func:`grpo_ref.model.lm_logits`) then
+      :func:`~grpo_ref.logprobs.token_logprobs` / :func:`~grpo_ref.logprobs.token_entropy`; works for any causal LM.
+    * ``"auto"`` (default): ``"fused"`` when :func:`~grpo_ref.model.output_head` finds a head
+      (:class:`~grpo_ref.model.TinyGPT`, Hugging Face GPT-2/Llama/Mistral/Qwen2/Qwen3), else ``"logits"``.
+
+    Both paths give the same values and gradients up to float rounding (tests/test_trainer_fused_path.py)."""
+    if path not in LOGPROB_PATHS:
+        raise ValueError(f"path must be one of {LOGPROB_PATHS}, got {path!r}")
     p = batch.prompt_ids.shape[1]
-    logits = lm_logits(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
-    logp = token_logprobs(logits, batch.response_ids, temperature)
-    return logp, (token_entropy(logits, temperature) if with_entropy else None)
+    head = None if path == "logits" else output_head(model)
+    if head is None and path == "fused":
+        raise ValueError(f"path='fused' but {type(model).__name__} has no output head the fused path can use "
+                         "(grpo_ref.model.output_head); use path='logits' or 'auto'")
+    if head is None:
+        logits = lm_logits(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+        logp = token_logprobs(logits, batch.response_ids, temperature)
+        return logp, (token_entropy(logits, temperature) if with_entropy else None)
+    weight, bias = head
+    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+    if with_entropy:
+        return token_logprobs_and_entropy_from_hidden(hidden, weight, batch.response_ids, temperature, bias)
+    return token_logprobs_from_hidden(hidden, weight, batch.response_ids, temperature, bias), None
 
 
 def response_values(critic: nn.Module, batch: Rollout) -> torch.Tensor:
@@ -495,8 +531,8 @@ class Trainer:
         self._set_lr()
         mask = batch.loss_mask
         with torch.no_grad():
-            old_logp, _ = response_logprobs(self.policy, batch, cfg.temperature)
-            ref_logp, _ = response_logprobs(self.reference, batch, cfg.temperature)
+            old_logp, _ = response_logprobs(self.policy, batch, cfg.temperature, path=cfg.logprob_path)
+            ref_logp, _ = response_logprobs(self.reference, batch, cfg.temperature, path=cfg.logprob_path)
             old_values = response_values(self.critic, batch) if self.critic is not None else None
         self._check("old_logp", old_logp[mask > 0])
         adv, returns = compute_advantages(algo, batch.rewards, mask, old_logp=old_logp, ref_logp=ref_logp, values=old_values)
@@ -514,7 +550,7 @@ class Trainer:
             for k, rows in enumerate(perm.chunk(n_mb)):
                 mb = batch.select(rows)
                 where = self._where = f" (epoch {epoch}, minibatch {k})"
-                logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, with_entropy=True)
+                logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, with_entropy=True, path=cfg.logprob_path)
                 values = response_values(self.critic, mb) if self.critic is not None else None
                 inp = LossInputs(
                     logp=logp, old_logp=old_logp[rows], advantages=adv[rows], mask=mask[rows], ref_logp=ref_logp[rows],

@@ -250,24 +250,25 @@ def test_nan_reward_stops_before_any_weight_changes():
     assert trainer.step_count == 1
 
 
+@pytest.mark.parametrize("path", ["auto", "logits"])  # auto = fused from the hidden states for TinyGPT
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_inf_in_the_forward_pass_stops_before_the_optimizer_step(algo):
+def test_inf_in_the_forward_pass_stops_before_the_optimizer_step(algo, path):
     task = _task()
     policy = _policy(task)
-    trainer = Trainer(policy, task, _small_config(algo=algo, eval_every=0))
+    trainer = Trainer(policy, task, _small_config(algo=algo, eval_every=0, logprob_path=path))
     trainer.step()
     armed = {"on": False}
 
-    def poison(module, args, output):  # inf logits, but only in training forward passes (with gradients)
-        if armed["on"] and torch.is_grad_enabled():
-            output.logits = output.logits + float("inf")
+    def poison(module, args, output):  # inf final hidden states (so inf logits on either path), but only in
+        if armed["on"] and torch.is_grad_enabled():  # training forward passes (with gradients)
+            return output + float("inf")
         return output
 
-    policy.register_forward_hook(poison)
+    policy.ln_f.register_forward_hook(poison)
     armed["on"] = True
     before = _params(policy)
     critic_before = _params(trainer.critic) if trainer.critic is not None else []
-    with pytest.raises(NonFiniteError, match=r"step 2: non-finite (loss|logits).*epoch 0, minibatch 0"):
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite (loss|logits|hidden).*epoch 0, minibatch 0"):
         trainer.step()
     assert _same(before, _params(policy))
     if trainer.critic is not None:
