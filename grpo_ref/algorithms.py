@@ -1,7 +1,7 @@
 """One interface for every algorithm: a config of shared parts, ``compute_advantages``, and a loss registry.
 
-The second seed had the right idea (change one field, switch PPO <-> GRPO) but a GRPO with batch-level
-advantages and a KL divided by the length twice. Here an algorithm is an :class:`AlgoConfig`: which advantage
+The second of the original notebooks had the right idea (change one field, switch PPO <-> GRPO) but a GRPO with
+batch-level advantages and a KL divided by the length twice. Here an algorithm is an :class:`AlgoConfig`: which advantage
 estimator, which ratio (token/sequence), which clip range, where the KL goes (loss or reward) and how the token
 losses are aggregated. ``PRESETS`` holds the published recipes; ``LOSS_REGISTRY`` maps ``loss_fn`` to
 :func:`grpo_loss` (actor only) or :func:`ppo_loss` (actor + critic + entropy), both ``(LossInputs, cfg) -> (loss, metrics)``.

@@ -1,6 +1,6 @@
 """Sampling completions from the policy: ``G`` per prompt, with a KV cache, EOS stopping and right padding.
 
-The seed outline scored random token ids that the policy never produced, so its "policy gradient" pushed on
+The outline in the original notebooks scored random token ids that the policy never produced, so its "policy gradient" pushed on
 actions the policy did not take. Here every response token is *sampled from the policy* (at temperature ``tau``)
 and its log-probability ``log softmax(z / tau)`` is kept (the distribution sampled, unless a top-k / top-p / min-p
 filter is on: :func:`generate` says which log-prob that is).

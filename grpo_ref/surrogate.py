@@ -17,7 +17,7 @@ Per token, with ``r = pi_theta / pi_old`` and ``pg_objective`` choosing the poli
 plus ``beta * KL_t`` (optionally ``beta * r * KL_t``, see ``kl_ratio_weighted``).
 
 * ``eps_high > eps_low`` is DAPO's clip-higher.
-* dual-clip (Ye et al. 2020; verl ``clip_ratio_c``, OpenRLHF ``dual_clip``): for ``A < 0`` also ``l_t <= -c A``.
+* dual-clip (Ye et al. 2020, arXiv 1912.09729; verl ``clip_ratio_c``, OpenRLHF ``dual_clip``): for ``A < 0`` also ``l_t <= -c A``.
 * ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025): ``s_i = exp((1/L_i) sum_t (lp - old))`` replaces ``r``;
   it is applied in GSPO-token form ``sg[s_i] * pi / sg[pi]``, whose value is ``s_i`` and whose gradient under
   ``seq-mean-token-mean`` is exactly the gradient of GSPO's sequence objective (0 where a clamp is active).
