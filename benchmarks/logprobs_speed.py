@@ -1,7 +1,7 @@
 """Token log-probs at LLM vocabulary sizes: time and peak memory of the naive form, the pre-issue-10 chunked
 ``token_logprobs``, the hand-written chunked backward and the fused path from hidden states (issue 10, items 1-3).
 
-    python benchmarks/logprobs_speed.py            # default run, about 5 minutes on one loaded core
+    python benchmarks/logprobs_speed.py            # default run: 8 minutes at load average 3.5 on 2 shared cores
     python benchmarks/logprobs_speed.py --small    # seconds (smoke test)
 
 Methods (``METHODS_LOGITS``, ``METHODS_HIDDEN``; every entry is ``name -> fn(inputs, tau, grad) -> loss``):
@@ -9,16 +9,20 @@ Methods (``METHODS_LOGITS``, ``METHODS_HIDDEN``; every entry is ``name -> fn(inp
 * ``naive``: ``log_softmax(z / tau, -1).gather(-1, y)`` (no division at ``tau = 1``); from hidden: ``z = h @ W.T``
   first (the plain path);
 * ``chunked-old``: a local copy of ``grpo_ref.logprobs._token_logprobs`` as it was before issue 10 (row chunks,
-  autograd's own backward, which allocates a full-size zero gradient per chunk); its forward + backward is
-  skipped from ``N x V >= 1e8`` on (quadratic in the number of chunks; it would take most of the run);
+  autograd's own backward, which allocates a full-size zero gradient per chunk); run at ``V = 4096`` only (its
+  forward + backward is quadratic in the number of chunks: 1.7-2.7x naive at ``V = 32000``, see the run committed
+  before this one in git history), to keep the default run near 3 minutes;
+* ``trl-selective``: TRL 1.16.0's ``trl.trainer.utils.selective_log_softmax(logits, index, temperature)`` (imported
+  lazily, only if ``trl`` is installed), given the logits as ``[B, T, V]`` with ``T = min(N, 512)`` rows per
+  sequence, as TRL's ``_get_per_token_logps_and_entropies`` calls it (its float32 branch: gather, then a Python
+  loop of ``logsumexp`` over the ``B`` sequences; the Triton kernel it prefers needs a GPU);
 * ``autograd``: ``grpo_ref.fused_logprobs`` from logits (hand-written chunked backward into one buffer);
   checks bypassed, ``benchmarks/check_overhead.py`` measures those;
 * ``fused``: ``token_logprobs_from_hidden`` (and ``token_logprobs_and_entropy_from_hidden``): no ``[N, V]`` tensor.
 
-Not measured in this session: TRL's ``selective_log_softmax`` and Liger-Kernel's fused linear cross-entropy /
-GRPO loss (neither is installed here, and installing them was out of this session's scope); verl's
-``FusedLinearForPPO`` likewise. ``_optional_methods`` adds TRL's function to ``METHODS_LOGITS`` when ``trl`` can be
-imported (and says so in the output), so a later run measures it in the same table with no other change.
+Not measured: Liger-Kernel's fused linear cross-entropy / ``LigerFusedLinearGRPOLoss`` (Triton kernels: it needs
+Triton and a GPU, and is not installed here) and verl's ``FusedLinearForPPO`` (verl not installed); the output
+says so. ``_optional_methods`` adds TRL's function to ``METHODS_LOGITS`` when ``trl`` can be imported.
 
 Timing (one subprocess, glibc's default allocator settings): median of ``--repeats`` wall-clock runs, 1 thread,
 after a small warm-up of every method; the methods alternate within every repeat so that load from other
@@ -133,19 +137,40 @@ METHODS_HIDDEN_BOTH: Dict[str, Callable] = {  # log-probs and entropy, what a st
 }
 
 
-def _optional_methods() -> list:
-    """Frameworks' versions of the same idea, added when importable; returns the lines to print about them."""
+def _optional_methods(with_trl: bool = True) -> list:
+    """Frameworks' versions of the same idea, added when importable; returns the lines to print about them.
+    ``with_trl=False`` (``--small``, the smoke test) skips TRL: importing it takes 10 s of CPU and more on a loaded
+    machine."""
     notes = []
+    if not with_trl:
+        notes.append("trl selective_log_softmax: skipped (--small: the smoke test does not import trl)")
     try:
+        if not with_trl:
+            raise _Skip
         from trl.trainer.utils import selective_log_softmax  # type: ignore
 
-        METHODS_LOGITS["trl-selective"] = lambda d, tau: selective_log_softmax(d["z"].float() / tau, d["y"]).sum()
-        notes.append("trl selective_log_softmax: measured (row 'trl-selective')")
+        import trl  # type: ignore
+
+        def _trl(d, tau):
+            n, v = d["z"].shape
+            t = min(n, 512) if n % min(n, 512) == 0 else n
+            return selective_log_softmax(d["z"].reshape(n // t, t, v), d["y"].reshape(n // t, t), temperature=tau).sum()
+
+        METHODS_LOGITS["trl-selective"] = _trl
+        notes.append(f"trl {trl.__version__} trl.trainer.utils.selective_log_softmax: measured (row 'trl-selective'; "
+                     "logits as [N / 512, 512, V], its CPU float32 branch)")
+    except _Skip:
+        pass
     except Exception as exc:  # ImportError, or an API that moved
         notes.append(f"trl selective_log_softmax: NOT measured ({type(exc).__name__}: trl is not installed in this environment)")
-    notes.append("liger-kernel fused linear cross-entropy / LigerFusedLinearGRPOLoss: NOT measured (not installed; Triton kernels, GPU only)")
+    notes.append("liger-kernel fused linear cross-entropy / LigerFusedLinearGRPOLoss: NOT run (Triton kernels: needs Triton "
+                 "and a GPU; not installed on this CPU-only machine)")
     notes.append("verl FusedLinearForPPO: NOT measured (not installed)")
     return notes
+
+
+class _Skip(Exception):
+    pass
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -210,8 +235,10 @@ def _rows(n, v, mode, times, mems, grads_bytes):
 def cases(small: bool):
     if small:
         return [(256, 512), (512, 512)], [(256, 1024, ("fwd", "f+b", "f+b+H"))], 64
-    logit_cases = [(2048, 4096), (8192, 4096), (2048, 32000), (4096, 32000), (512, 152064)]
-    hidden_cases = [(2048, 32000, ("fwd", "f+b", "f+b+H")), (256, 152064, ("f+b",))]
+    logit_cases = [(2048, 4096), (8192, 4096), (16384, 4096), (1024, 32000), (2048, 32000), (4096, 32000),
+                   (512, 152064), (1024, 152064)]
+    hidden_cases = [(2048, 4096, ("fwd", "f+b", "f+b+H")), (8192, 4096, ("f+b",)), (2048, 32000, ("fwd", "f+b", "f+b+H")),
+                    (256, 152064, ("fwd", "f+b"))]
     return logit_cases, hidden_cases, 512
 
 
@@ -219,7 +246,7 @@ def measure(part: str, small: bool, repeats: int, tau: float) -> dict:
     """Every figure of one kind: {"A|n|v|mode": {method: value}, "B|n|v|mode": {...}}."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    _optional_methods()
+    notes = _optional_methods(with_trl=not small)
     _warm_up()
     logit_cases, hidden_cases, hdim = cases(small)
     out = {}
@@ -227,7 +254,7 @@ def measure(part: str, small: bool, repeats: int, tau: float) -> dict:
         d = {"z": (torch.randn(n, v) * 3).requires_grad_(True), "y": torch.randint(0, v, (n,))}
         for grad, mode in ((False, "fwd"), (True, "f+b")):
             methods = dict(METHODS_LOGITS)
-            if grad and n * v >= 1e8:
+            if v > 4096 and not small:
                 methods.pop("chunked-old")
             out[f"A|{n}|{v}|{mode}"] = bench(methods, d, tau, grad, (d["z"],), repeats, part)
             print(f"  {part} A {n} {v} {mode} done", file=sys.stderr, flush=True)
@@ -241,6 +268,7 @@ def measure(part: str, small: bool, repeats: int, tau: float) -> dict:
             out[f"B|{n}|{v}|{mode}"] = bench(methods, d, tau, mode != "fwd", (h, w), repeats, part)
             print(f"  {part} B {n} {v} {mode} done", file=sys.stderr, flush=True)
         del h, w, d
+    out["notes"] = notes
     return out
 
 
@@ -265,12 +293,13 @@ def main(argv=None) -> None:
     load_mid = os.getloadavg()
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     mems = json.loads(subprocess.run(base + ["--part", "memory"], env=env, check=True, stdout=subprocess.PIPE, text=True).stdout)
+    mems.pop("notes")
     load1 = os.getloadavg()
     logit_cases, hidden_cases, hdim = cases(args.small)
     lines = [
         f"torch {torch.__version__}, 1 thread, tau = {args.tau}, repeats = {args.repeats} (median), chunk 1024 rows from logits, "
         f"{CHUNK_HIDDEN} from hidden; CPU: {os.cpu_count()} cores shared with other processes",
-        *_optional_methods(),
+        *times.pop("notes"),
         "peak MiB: peak RSS above the pre-call RSS (inputs excluded; gradients returned by the call included);",
         "working MiB: peak minus the returned gradients (f+b) -- what a method needs beyond its inputs and outputs "
         "(about 0 when the gradient is the only large allocation; small negatives are page-level noise).",
