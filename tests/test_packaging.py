@@ -62,7 +62,7 @@ def test_all_is_the_public_namespace():
     )
     assert not [n for n in grpo_ref.__all__ if n.startswith("_")]
     ns: dict = {}
-    exec("from grpo_ref import *", ns)  # noqa: S102 - the star import a user would write
+    exec("from grpo_ref import *", ns)  # the star import a user would write
     assert set(grpo_ref.__all__) <= set(ns)
 
 
@@ -249,7 +249,8 @@ def test_wheel_in_a_torch_only_venv_imports_and_type_checks(artefacts, tmp_path)
     out = _run([str(py), str(script)], cwd=tmp_path, env=env).stdout.split()
     assert out[0] == grpo_ref.__version__
     typed = subprocess.run(
-        [sys.executable, "-m", "mypy", "--python-executable", str(py), str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "mypy", "--python-executable", str(py), str(script)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert typed.returncode == 0, typed.stdout[-4000:] + typed.stderr[-2000:]
     assert "Success" in typed.stdout
