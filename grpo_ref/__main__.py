@@ -79,7 +79,8 @@ _TRAIN_OPTIONS = [
     ("--warm-max-steps", "warm_max_steps", int, 3000, "at most this many SFT steps"),
     ("--n-layer", "n_layer", int, 2, "transformer layers"),
     ("--n-embd", "n_embd", int, 128, "embedding width"),
-    ("--threads", "threads", int, None, "torch.set_num_threads (1 is fastest on a busy CPU)"),
+    ("--threads", "threads", int, 1, "torch.set_num_threads; 1 by default: on the default model a training step took "
+     "0.74 s at 1 thread and 3.0 s at 2 (2 cores, load average 3.5; benchmarks/threads.py, results/threads.txt)"),
     ("--checkpoint-every", "checkpoint_every", int, 50, "steps between checkpoints (0: only at the end)"),
     ("--stop-at", "stop_at", float, None, "stop at this eval accuracy"),
 ]
