@@ -305,6 +305,7 @@ def hidden_size_of(model: nn.Module) -> int:
 # Qwen3). Others (Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...) would give
 # different log-probs from a fused head, so :func:`output_head` returns None for them and the trainer falls back
 # to the logits.
+#: Hugging Face ``config.model_type`` values whose output head the fused log-prob path reaches (logits = lm_head(h)).
 FUSED_HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 
