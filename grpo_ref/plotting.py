@@ -42,20 +42,29 @@ def _finish(fig, path: Optional[str]):
     return fig
 
 
+#: the x axes of :func:`series`: the training step, the cumulative sampled completions, the cumulative wall-clock
+#: seconds of the RL steps (the sum of their ``time_step_s``; the warm start is not counted)
+X_AXES = ("step", "samples", "wall")
+X_LABELS = {"step": "training step", "samples": "sampled completions", "wall": "wall-clock time of the RL steps (s)"}
+
+
 def series(run: Run, key: str, x: str = "step") -> Tuple[List[float], List[float]]:
     """``(xs, ys)`` of the records holding ``key``; ``clip_frac`` is ``clip_frac_low + clip_frac_high``.
-    ``x="samples"`` gives the cumulative number of sampled completions."""
+    ``x="samples"`` gives the cumulative number of sampled completions, ``x="wall"`` the cumulative
+    ``time_step_s`` (seconds; a record without it, such as the evaluation at step 0, adds nothing)."""
     xs: List[float] = []
     ys: List[float] = []
     total = 0.0
+    wall = 0.0
     for rec in run:
         total += rec.get("samples", 0.0)
+        wall += rec.get("time_step_s", 0.0)
         value = rec.get(key)
         if key == "clip_frac" and "clip_frac_low" in rec:
             value = rec["clip_frac_low"] + rec.get("clip_frac_high", 0.0)
         if value is None:
             continue
-        xs.append(total if x == "samples" else rec.get(x, len(xs)))
+        xs.append(total if x == "samples" else wall if x == "wall" else rec.get(x, len(xs)))
         ys.append(value)
     return xs, ys
 
@@ -69,9 +78,12 @@ def available_metrics(runs: Dict[str, Run]) -> List[str]:
     return sorted(keys)
 
 
-def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequence[Tuple[str, str]] = DEFAULT_PANELS):
-    """A grid of the ``panels`` metrics against the training step (metrics the run lacks are skipped).
-    Saves to ``path`` if given; returns the matplotlib figure."""
+def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequence[Tuple[str, str]] = DEFAULT_PANELS,
+             x: str = "step"):
+    """A grid of the ``panels`` metrics against ``x`` (one of :data:`X_AXES`; the training step by default;
+    metrics the run lacks are skipped). Saves to ``path`` if given; returns the matplotlib figure."""
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     plt = _pyplot(path)
     present = [(k, label) for k, label in panels if series(run, k)[0]]
     if not present:
@@ -80,9 +92,9 @@ def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequ
     rows = (len(present) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     for ax, (key, label) in zip(axes.flat, present, strict=False):
-        xs, ys = series(run, key)
+        xs, ys = series(run, key, x)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_xlabel("training step")
+        ax.set_xlabel(X_LABELS[x])
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
@@ -95,13 +107,13 @@ def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequ
 def compare_runs(
     runs: Dict[str, Run], metric: str = "eval_accuracy", x: str = "step", path: Optional[str] = None, title: str = ""
 ):
-    """One line per run (``{label: run}``) of ``metric`` against ``x`` (``"step"`` or ``"samples"``).
+    """One line per run (``{label: run}``) of ``metric`` against ``x`` (``"step"``, ``"samples"`` or ``"wall"``).
     Saves to ``path`` if given; returns the figure. ``ValueError`` (listing the available metrics) if no run
     has ``metric``."""
     if not runs:
         raise ValueError("no runs to compare")
-    if x not in ("step", "samples"):
-        raise ValueError(f"x must be 'step' or 'samples', got {x!r}")
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     if not any(series(run, metric, x)[0] for run in runs.values()):
         raise ValueError(f"no run has the metric {metric!r}; available: {', '.join(available_metrics(runs)) or 'none'}")
     plt = _pyplot(path)
@@ -109,7 +121,7 @@ def compare_runs(
     for label, run in runs.items():
         xs, ys = series(run, metric, x)
         ax.plot(xs, ys, label=label)
-    ax.set_xlabel("training step" if x == "step" else "sampled completions")
+    ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel(dict(DEFAULT_PANELS).get(metric, metric))
     ax.grid(alpha=0.3)
     ax.legend()
