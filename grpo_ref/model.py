@@ -1,4 +1,4 @@
-"""A tiny decoder-only transformer (GPT-style), a KV cache for it, and a value model for PPO's critic.
+"""A tiny decoder-only transformer (GPT-style), a KV cache for it, and value models for PPO's critic.
 
 The training loop never depends on this class: it accepts any causal LM that maps ``input_ids`` (and an
 ``attention_mask``) to logits, returned as a tensor or as an object with ``.logits`` (Hugging Face models
@@ -11,6 +11,7 @@ prompt gets the same positions whatever padding its batch needed.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import asdict, dataclass
@@ -225,7 +226,7 @@ class ValueModel(nn.Module):
     (weights ``N(0, init_std)`` drawn from ``torch.Generator(seed)``, bias 0), so the first values are ~0 and do
     not swamp early advantages; torch's global random state is left alone.
 
-    ``forward(input_ids [B, T], attention_mask [B, T]) -> values [B, T]`` (float32).
+    ``forward(input_ids [B, T], attention_mask [B, T]) -> values [B, T]`` (float32, or float64 for a float64 model).
     """
 
     def __init__(self, backbone: nn.Module, hidden_size: int, init_std: float = 1e-3, seed: int = 0):
@@ -240,8 +241,52 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = last_hidden_state(self.backbone, input_ids, attention_mask)
-        return self.v_head(h.float()).squeeze(-1)
+        return _scalar_head(self.v_head, last_hidden_state(self.backbone, input_ids, attention_mask))
+
+
+class ValueHead(nn.Module):
+    """A scalar value head ``[..., H] -> [...]`` (float32) on hidden states someone else computes: PPO's critic
+    *sharing the policy's trunk* (``TrainConfig(critic="shared")``), the layout of the PPO agents that put a value head
+    on the policy network (Schulman et al. 2017, section 5: one network with a combined loss
+    ``L^CLIP - c_1 L^VF``; TRL's ``AutoModelForCausalLMWithValueHead``). ``forward(hidden [..., H]) -> [...]``.
+    Initialised as :class:`ValueModel`'s head:
+    weights ``N(0, init_std)`` from ``torch.Generator(seed)``, bias 0, torch's global random state untouched."""
+
+    def __init__(self, hidden_size: int, init_std: float = 1e-3, seed: int = 0):
+        hidden_size = check_int("hidden_size", hidden_size, lo=1)
+        init_std = check_real("init_std", init_std, lo=0.0)
+        seed = check_int("seed", seed, lo=0)
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            self.v_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.v_head.weight, std=init_std, generator=torch.Generator().manual_seed(seed))
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., H] -> values [...]``, computed in float32 or wider (bf16/fp16 hidden states are upcast)."""
+        return _scalar_head(self.v_head, hidden)
+
+
+def _scalar_head(linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``linear(hidden).squeeze(-1)`` in float32 or wider: the dtype of ``hidden``, of the head, or float32."""
+    w, b = linear.weight, linear.bias
+    dtype = torch.promote_types(torch.promote_types(hidden.dtype, w.dtype), torch.float32)
+    return F.linear(hidden.to(dtype), w.to(dtype), None if b is None else b.to(dtype)).squeeze(-1)
+
+
+def truncated_copy(model: nn.Module, n_layer: int) -> "TinyGPT":
+    """A deep copy of a :class:`TinyGPT` that keeps only its first ``n_layer`` blocks (embeddings, those blocks, the
+    final norm and head): the "smaller critic" initialised from the policy (``TrainConfig(critic_layers=k)``).
+    ``ValueError`` for another model class or ``n_layer`` outside ``[1, model.config.n_layer]``."""
+    if not isinstance(model, TinyGPT):
+        raise ValueError(f"truncated_copy needs a TinyGPT (its blocks are known), got {type(model).__name__}")
+    n_layer = check_int("n_layer", n_layer, lo=1)
+    if n_layer > model.config.n_layer:
+        raise ValueError(f"n_layer must be at most the model's n_layer = {model.config.n_layer}, got {n_layer}")
+    small = copy.deepcopy(model)
+    small.blocks = nn.ModuleList(list(small.blocks)[:n_layer])
+    small.config = GPTConfig(**{**model.config.to_dict(), "n_layer": n_layer})
+    return small
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

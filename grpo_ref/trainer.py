@@ -55,7 +55,7 @@ from .fused_logprobs import token_logprobs_and_entropy_from_hidden, token_logpro
 from .logprobs import token_entropy, token_logprobs
 from .masks import masked_mean
 from .metrics_log import METRICS_FILE, load_metrics, sync_metrics
-from .model import GPTConfig, TinyGPT, ValueModel, final_hidden_states, hidden_size_of, lm_logits, output_head
+from .model import GPTConfig, TinyGPT, ValueHead, ValueModel, final_hidden_states, hidden_size_of, lm_logits, output_head, truncated_copy
 from .rollout import TRUNCATION_MODES, Rollout, evaluate, rollout
 
 
@@ -158,6 +158,30 @@ class TrainConfig:
     (1 = a copy). Parameters only, not buffers, as TRL's ``_sync_target_model``. The reference log-probs of a batch
     are computed once, before its updates, so a sync in the middle of a step first shows in the next step (TRL
     computes ``ref_per_token_logps`` at generation time too). ``ref_sync_every = 0`` never changes the reference.
+
+    ``old_logp_source``: the ratio's denominator ``log pi_old``. ``"recompute"`` (default) runs the policy once more
+    over the batch before the updates (TRL 1.16.0 and verl 0.9.1 always recompute when the batch is reused); the
+    ``sampler_logp_gap`` metric then shows how far the sampler's log-probs are from it. ``"sampler"`` reuses the
+    log-probs :func:`~grpo_ref.rollout.generate` recorded while sampling (``Rollout.sample_logp``) and skips that pass.
+    It is the same quantity, not an approximation, because here the sampler *is* the policy: the same weights (no update
+    happens between sampling and the loss's first minibatch), in eval mode (no dropout), at the same temperature,
+    over the full vocabulary (also under ``top_k``/``top_p``/``min_p``); the two differ only by float rounding (the KV
+    cache's incremental attention against one full pass, about 1e-7 here: ``sampler_logp_gap`` in
+    tests/test_trainer_critic.py). It does *not* hold when another engine samples (vLLM in TRL's and verl's
+    ``use_vllm`` set-ups: other kernels, often another precision), which is why those frameworks recompute.
+
+    PPO's critic (``algo="ppo"``; ignored by the critic-free presets):
+
+    * ``critic="separate"`` (default), PPO-RLHF's layout (Ouyang et al. 2022; TRL's ``PPOTrainer``, OpenRLHF, verl's
+      ``critic`` worker): a second transformer, a copy of the policy with a :class:`~grpo_ref.model.ValueModel` head,
+      its own AdamW at ``critic_lr``. It costs a second forward and backward per minibatch. ``critic_layers = k > 0``
+      makes it smaller: the copy keeps only the policy's first ``k`` blocks
+      (:func:`~grpo_ref.model.truncated_copy`; a :class:`~grpo_ref.model.TinyGPT` policy only).
+    * ``critic="shared"``: a :class:`~grpo_ref.model.ValueHead` on the policy's own final hidden states (the value
+      head on the policy network of Schulman et al. 2017, section 5, and of TRL's ``AutoModelForCausalLMWithValueHead``).
+      One forward gives log-probs and values, and ``vf_coef`` times the value loss also trains the trunk (through
+      the policy's optimizer; the head has its own at ``critic_lr``). Needs a model whose output head
+      :func:`~grpo_ref.model.output_head` reaches.
     """
 
     algo: str = "grpo"
@@ -187,6 +211,9 @@ class TrainConfig:
     ref_sync_every: int = 0  # TR-DPO reference update every this many optimizer steps (0: never)
     ref_sync_alpha: float = 1.0  # ref <- alpha * policy + (1 - alpha) * ref
     logprob_path: str = "auto"  # "auto" (fused where the model allows), "fused" or "logits": see response_logprobs
+    old_logp_source: str = "recompute"  # pi_old's log-probs: "recompute" (a forward pass) or "sampler" (see below)
+    critic: str = "separate"  # PPO's critic: "separate" (its own transformer) or "shared" (a head on the policy trunk)
+    critic_layers: int = 0  # separate critic: keep only the first k blocks of the policy copy (0: all of them)
 
     def __post_init__(self) -> None:
         for name, hint in typing.get_type_hints(TrainConfig).items():
@@ -234,6 +261,14 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid TrainConfig.{name} = {getattr(self, name)!r}")
+        if self.old_logp_source not in OLD_LOGP_SOURCES:
+            raise ValueError(f"unknown TrainConfig.old_logp_source {self.old_logp_source!r}; expected one of {OLD_LOGP_SOURCES}")
+        if self.critic not in CRITIC_MODES:
+            raise ValueError(f"unknown TrainConfig.critic {self.critic!r}; expected one of {CRITIC_MODES}")
+        if self.critic_layers < 0:
+            raise ValueError(f"invalid TrainConfig.critic_layers = {self.critic_layers!r}; expected 0 (all layers) or a block count >= 1")
+        if self.critic_layers and self.critic != "separate":
+            raise ValueError(f"TrainConfig.critic_layers = {self.critic_layers} applies to critic='separate' only, got critic={self.critic!r}")
         if self.logprob_path not in LOGPROB_PATHS:
             raise ValueError(f"unknown TrainConfig.logprob_path {self.logprob_path!r}; expected one of {LOGPROB_PATHS}")
         if self.truncation not in TRUNCATION_MODES:
@@ -260,6 +295,8 @@ class TrainConfig:
 
 
 LOGPROB_PATHS = ("auto", "fused", "logits")
+OLD_LOGP_SOURCES = ("recompute", "sampler")
+CRITIC_MODES = ("separate", "shared")
 
 
 def response_logprobs(
@@ -295,11 +332,41 @@ def response_logprobs(
         logits = lm_logits(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
         logp = token_logprobs(logits, batch.response_ids, temperature)
         return logp, (token_entropy(logits, temperature) if with_entropy else None)
-    weight, bias = head
     hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+    return _logprobs_from_hidden(hidden, head, batch.response_ids, temperature, with_entropy, fused=True)
+
+
+def _logprobs_from_hidden(hidden, head, tokens, temperature, with_entropy, fused):
+    weight, bias = head
+    if not fused:
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        logp = token_logprobs(logits, tokens, temperature)
+        return logp, (token_entropy(logits, temperature) if with_entropy else None)
     if with_entropy:
-        return token_logprobs_and_entropy_from_hidden(hidden, weight, batch.response_ids, temperature, bias)
-    return token_logprobs_from_hidden(hidden, weight, batch.response_ids, temperature, bias), None
+        return token_logprobs_and_entropy_from_hidden(hidden, weight, tokens, temperature, bias)
+    return token_logprobs_from_hidden(hidden, weight, tokens, temperature, bias), None
+
+
+def response_logprobs_and_values(
+    model: nn.Module, value_head: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False,
+    path: str = "auto",
+) -> tuple:
+    """PPO with a critic on the policy's trunk (``TrainConfig(critic="shared")``): ``(logp [B, N], entropy [B, N] |
+    None, values [B, N])`` from *one* pass of the policy's trunk. The final hidden states ``[B, N, H]`` of the positions
+    that score the response go both to the output head (log-probs as :func:`response_logprobs`, fused unless
+    ``path="logits"``) and to ``value_head`` (``[B, N, H] -> [B, N]``, e.g. :class:`~grpo_ref.model.ValueHead`), so
+    the values are those :func:`response_values` would give for a critic reading the same hidden states, and the
+    value loss's gradient reaches the trunk. ``ValueError`` if :func:`~grpo_ref.model.output_head` finds no head."""
+    if path not in LOGPROB_PATHS:
+        raise ValueError(f"path must be one of {LOGPROB_PATHS}, got {path!r}")
+    head = output_head(model)
+    if head is None:
+        raise ValueError(f"a shared critic needs the policy's final hidden states, and {type(model).__name__} has no output "
+                         "head grpo_ref.model.output_head reaches; use TrainConfig(critic='separate')")
+    p = batch.prompt_ids.shape[1]
+    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+    logp, entropy = _logprobs_from_hidden(hidden, head, batch.response_ids, temperature, with_entropy, fused=path != "logits")
+    return logp, entropy, value_head(hidden)
 
 
 def response_values(critic: nn.Module, batch: Rollout) -> torch.Tensor:
@@ -322,8 +389,10 @@ class Trainer:
         task: e.g. :class:`~grpo_ref.tasks.AdditionTask` (``sample_train``, ``encode_prompts``, ``score``,
             ``eval_pairs``, ``tokenizer``, ``max_new_tokens``).
         config: :class:`TrainConfig`.
-        critic: PPO's value model ``(input_ids, attention_mask) -> [B, T]``; default a
-            :class:`~grpo_ref.model.ValueModel` on a copy of the policy with a zero-initialised head.
+        critic: PPO's value model. With ``config.critic="separate"`` a module ``(input_ids, attention_mask) -> [B, T]``;
+            default a :class:`~grpo_ref.model.ValueModel` on a copy of the policy (its first ``critic_layers``
+            blocks if set) with a near-zero head. With ``"shared"`` a head ``hidden [B, N, H] -> [B, N]`` on the
+            policy's final hidden states; default a :class:`~grpo_ref.model.ValueHead`.
         reference: the frozen reference policy of the KL term; default a copy of ``policy`` as given.
 
     Use: ``metrics = trainer.step()`` (one rollout + update), ``trainer.train(out_dir=...)``,
@@ -349,9 +418,12 @@ class Trainer:
         if config.ref_sync_every:
             _check_same_parameters(self.policy, self.reference)
         self.uses_critic = self.algo.loss_fn == "ppo"
+        self.shared_critic = self.uses_critic and config.critic == "shared"
         self.critic = None
         if self.uses_critic:
-            self.critic = (critic if critic is not None else ValueModel(copy.deepcopy(policy), hidden_size_of(policy), seed=config.seed)).to(self.device)
+            if critic is None:
+                critic = self._default_critic(policy, config)
+            self.critic = critic.to(self.device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.critic_optimizer = (
             torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr, weight_decay=config.weight_decay) if self.critic else None
@@ -363,6 +435,25 @@ class Trainer:
         self.optimizer_steps = 0  # policy optimizer steps over the whole run (the clock of ref_sync_every)
         self.history: List[Dict[str, float]] = []
         self._where = ""  # the minibatch being updated, for error messages
+
+    @staticmethod
+    def _default_critic(policy: nn.Module, config: TrainConfig) -> nn.Module:
+        if config.critic == "shared":
+            if output_head(policy) is None:
+                raise ValueError(f"TrainConfig.critic='shared' needs the policy's final hidden states, and {type(policy).__name__} "
+                                 "has no output head grpo_ref.model.output_head reaches; use critic='separate'")
+            return ValueHead(hidden_size_of(policy), seed=config.seed)
+        backbone = truncated_copy(policy, config.critic_layers) if config.critic_layers else copy.deepcopy(policy)
+        return ValueModel(backbone, hidden_size_of(policy), seed=config.seed)
+
+    def policy_pass(self, batch: Rollout, with_entropy: bool = False) -> tuple:
+        """``(logp, entropy | None, values | None)``, each ``[B, N]``: the policy's log-probs of ``batch`` and, for PPO,
+        the critic's values (a shared critic reads the same forward pass: :func:`response_logprobs_and_values`)."""
+        cfg = self.config
+        if self.shared_critic:
+            return response_logprobs_and_values(self.policy, self.critic, batch, cfg.temperature, with_entropy, cfg.logprob_path)
+        logp, entropy = response_logprobs(self.policy, batch, cfg.temperature, with_entropy=with_entropy, path=cfg.logprob_path)
+        return logp, entropy, (response_values(self.critic, batch) if self.critic is not None else None)
 
     # -- pieces a notebook can call one at a time -------------------------------------------------------------------
     def rollout(self, pairs: Optional[torch.Tensor] = None) -> Rollout:
@@ -530,10 +621,16 @@ class Trainer:
 
         self._set_lr()
         mask = batch.loss_mask
+        from_sampler = cfg.old_logp_source == "sampler"
         with torch.no_grad():
-            old_logp, _ = response_logprobs(self.policy, batch, cfg.temperature, path=cfg.logprob_path)
+            if from_sampler and not self.shared_critic:  # the sampler's own log-probs (see TrainConfig): no policy pass
+                old_logp = batch.sample_logp
+                old_values = response_values(self.critic, batch) if self.critic is not None else None
+            else:
+                old_logp, _, old_values = self.policy_pass(batch)
+                if from_sampler:
+                    old_logp = batch.sample_logp
             ref_logp, _ = response_logprobs(self.reference, batch, cfg.temperature, path=cfg.logprob_path)
-            old_values = response_values(self.critic, batch) if self.critic is not None else None
         self._check("old_logp", old_logp[mask > 0])
         adv, returns = compute_advantages(algo, batch.rewards, mask, old_logp=old_logp, ref_logp=ref_logp, values=old_values)
         self._check("advantages", adv)
@@ -550,8 +647,7 @@ class Trainer:
             for k, rows in enumerate(perm.chunk(n_mb)):
                 mb = batch.select(rows)
                 where = self._where = f" (epoch {epoch}, minibatch {k})"
-                logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, with_entropy=True, path=cfg.logprob_path)
-                values = response_values(self.critic, mb) if self.critic is not None else None
+                logp, entropy, values = self.policy_pass(mb, with_entropy=True)
                 inp = LossInputs(
                     logp=logp, old_logp=old_logp[rows], advantages=adv[rows], mask=mask[rows], ref_logp=ref_logp[rows],
                     entropy=entropy, values=values,
@@ -589,13 +685,14 @@ class Trainer:
             response_length=float(m.sum(-1).mean()),
             truncated_frac=float(batch.truncated.float().mean()),
             kl_to_ref=float(masked_mean(old_logp - ref_logp, mask)),  # k1 estimate of KL(pi_old || pi_ref)
-            sampler_logp_gap=float(masked_mean((old_logp - batch.sample_logp).abs(), mask)),
             adv_abs_mean=float(masked_mean(adv.abs(), mask)),
             grad_norm=sum(grad_norms) / len(grad_norms),
             samples=float(n_sampled),
             groups_with_signal=signal_frac,
             batch_size=float(b),
         )
+        if not from_sampler:  # with old_logp_source="sampler" the gap is 0 by construction
+            metrics["sampler_logp_gap"] = float(masked_mean((old_logp - batch.sample_logp).abs(), mask))
         if critic_norms:
             metrics["critic_grad_norm"] = sum(critic_norms) / len(critic_norms)
         return self._finish(metrics, t0, t_rollout, sampled_tokens)
