@@ -26,8 +26,8 @@ from grpo_ref.trainer import TIME_METRICS, load_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny, fast run: 3 SFT steps, a 1x32 model, 4 prompts x 4 samples, evaluation every step
-TINY = ["--warm-max-steps", "3", "--n-layer", "1", "--n-embd", "32", "--prompts", "4", "--minibatches", "2",
-        "--eval-every", "1", "--no-progress"]
+TINY = ["--warm_max_steps", "3", "--n_layer", "1", "--n_embd", "32", "--prompts_per_step", "4", "--minibatches", "2",
+        "--eval_every", "1", "--no_progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
@@ -73,34 +73,44 @@ def _deterministic(records):
 # -- bad input: exit code 2 ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,match", [
-    (["--override", "eps_high=abc"], r"algo_overrides\['eps_high'\] must be a finite number, got 'abc'"),
-    (["--override", "kl_coef=nan"], r"algo_overrides\['kl_coef'\] must be a finite number"),
-    (["--override", "kl_coef=NaN"], r"algo_overrides\['kl_coef'\] must be a finite number, got nan"),
-    (["--override", "kl_coef"], r"--override needs FIELD=VALUE"),
-    (["--override", "klcoef=0.1"], r"unknown algo_overrides"),
-    (["--kl-coef", "nan"], r"algo_overrides\['kl_coef'\]"),
-    (["--lr", "inf"], r"TrainConfig.lr must be a finite number, got inf"),
-    (["--lr", "nan"], r"TrainConfig.lr"),
-    (["--temperature", "inf"], r"TrainConfig.temperature"),
-    (["--steps", "2.5"], r"argument --steps: invalid int value: '2.5'"),
-    (["--group-size", "1"], r"group_size >= 2"),
+    (["--algo_overrides.eps_high", "abc"], r'Parser key "algo_overrides.eps_high".*Got value: abc'),
+    (["--algo_overrides.kl_coef", ".nan"], r"algo_overrides\['kl_coef'\] must be a finite number, got nan"),
+    (["--algo_overrides.kl_coef", "-1"], r"kl_coef"),
+    (["--algo_overrides.kl_coef"], r"algo_overrides.kl_coef: expected one argument"),
+    (["--algo_overrides.klcoef", "0.1"], r"unrecognized arguments: --algo_overrides.klcoef"),
+    (["--algo_overrides.group_size", "3"], r"unrecognized arguments: --algo_overrides.group_size"),
+    (["--algo_overrides.kl_estimator", "k9"], r"kl_estimator"),
+    (["--lr", ".inf"], r"TrainConfig.lr must be a finite number, got inf"),
+    (["--lr", "inf"], r'Parser key "lr".*Got value: inf'),
+    (["--lr", "-1"], r"invalid TrainConfig.lr = -1.0"),
+    (["--temperature", ".inf"], r"TrainConfig.temperature"),
+    (["--steps", "2.5"], r'Parser key "steps".*Got value: 2.5'),
+    (["--group_size", "1"], r"group_size >= 2"),
+    (["--group-size", "1"], r"group_size >= 2"),  # dashes spell the same flag
+    (["--nosuch", "1"], r"unrecognized arguments: --nosuch"),
+    (["--prompts", "4"], r"unrecognized arguments: --prompts"),  # no abbreviations of --prompts_per_step
     (["--algo", "nosuch"], r"unknown algorithm"),
     (["--device", "tpu"], r"device 'tpu'"),
     (["--threads", "0"], r"--threads must be >= 1"),
+    (["--checkpoint_every", "-1"], r"--checkpoint_every must be >= 0"),
     (["--resume", "--overwrite"], r"exclude each other"),
-    (["--top-k", "-1"], r"TrainConfig.top_k = -1"),
-    (["--top-k", "1.5"], r"argument --top-k: invalid int value"),
-    (["--top-p", "0"], r"TrainConfig.top_p = 0.0"),
-    (["--top-p", "nan"], r"TrainConfig.top_p must be a finite number, got nan"),
-    (["--min-p", "1.5"], r"TrainConfig.min_p = 1.5"),
-    (["--ref-sync-every", "-2"], r"TrainConfig.ref_sync_every = -2"),
-    (["--ref-sync-alpha", "0"], r"TrainConfig.ref_sync_alpha = 0.0"),
+    (["--top_k", "-1"], r"TrainConfig.top_k = -1"),
+    (["--top_k", "1.5"], r'Parser key "top_k"'),
+    (["--top_p", "0"], r"TrainConfig.top_p = 0.0"),
+    (["--top_p", ".nan"], r"TrainConfig.top_p must be a finite number, got nan"),
+    (["--min_p", "1.5"], r"TrainConfig.min_p = 1.5"),
+    (["--ref_sync_every", "-2"], r"TrainConfig.ref_sync_every = -2"),
+    (["--ref_sync_alpha", "0"], r"TrainConfig.ref_sync_alpha = 0.0"),
+    (["--n_layer", "0"], r"n_layer"),
+    (["--warm_target", "2"], r"--warm_target"),
+    (["--n_digits", "0"], r"n_digits"),
+    (["--report_to", "wandb"], r"report_to"),
 ])
 def test_bad_train_arguments_are_one_line_errors_with_exit_code_2(capsys, tmp_path, argv, match):
     code, _, err = _run(capsys, "train", "--out", tmp_path / "r", *TINY, *argv)
     assert code == 2
     assert re.search(match, _one_error_line(err)), err
-    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert not (tmp_path / "r").exists()  # every setting is checked before --out is created
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -111,7 +121,7 @@ def test_device_cuda_without_cuda_is_a_one_line_error(capsys, tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="TrainConfig.lr") as err:
-        main(["train", "--out", str(tmp_path / "r"), *TINY, "--lr", "inf", "--debug"])
+        main(["train", "--out", str(tmp_path / "r"), *TINY, "--lr", "-1", "--debug"])
     assert isinstance(err.value.__cause__, ValueError)
 
 
@@ -128,17 +138,18 @@ def test_an_existing_run_is_not_replaced_without_resume_or_overwrite(capsys, run
 @pytest.mark.parametrize("argv,match", [
     (["--lr", "0.001"], r"--lr 0.001 \(the checkpoint has 0.0003\)"),
     (["--algo", "ppo"], r"--algo ppo \(the checkpoint has grpo\)"),
-    (["--group-size", "8"], r"--group-size 8"),
+    (["--group_size", "8"], r"--group_size 8"),
     (["--seed", "1"], r"--seed 1"),
-    (["--n-embd", "64"], r"--n-embd 64"),
-    (["--override", "eps_high=0.28"], r"--override eps_high=0.28"),
-    (["--warm-target", "0.5"], r"--warm-target \(only used when a run starts\)"),
-    (["--top-k", "5"], r"--top-k 5 \(the checkpoint has 0\)"),
-    (["--ref-sync-alpha", "0.6"], r"--ref-sync-alpha 0.6 \(the checkpoint has 1.0\)"),
+    (["--n_embd", "64"], r"--n_embd 64"),
+    (["--algo_overrides.eps_high", "0.28"], r"--algo_overrides.eps_high 0.28 \(the checkpoint has 0.2\)"),
+    (["--warm_target", "0.5"], r"--warm_target \(only used when a run starts\)"),
+    (["--top_k", "5"], r"--top_k 5 \(the checkpoint has 0\)"),
+    (["--ref_sync_alpha", "0.6"], r"--ref_sync_alpha 0.6 \(the checkpoint has 1.0\)"),
+    (["--max_new_tokens", "3"], r"--max_new_tokens 3 \(the checkpoint has None\)"),  # a field the old CLI lacked
 ])
 def test_resume_refuses_settings_that_contradict_the_checkpoint(capsys, run, argv, match):
     before = (run / "checkpoint.pt").read_bytes()
-    code, _, err = _run(capsys, "train", "--out", run, "--resume", "--no-progress", *argv)
+    code, _, err = _run(capsys, "train", "--out", run, "--resume", "--no_progress", *argv)
     assert code == 2
     line = _one_error_line(err)
     assert "--resume continues the run with its checkpoint's settings" in line
@@ -149,12 +160,13 @@ def test_resume_refuses_settings_that_contradict_the_checkpoint(capsys, run, arg
 def test_resume_accepts_settings_equal_to_the_checkpoint_and_continues_to_its_total(capsys, tmp_path):
     out = tmp_path / "r"
     # stop early (the first evaluation reaches 0): the checkpoint is at step 1 of a 3-step run
-    assert _run(capsys, "train", "--out", out, "--steps", "3", *TINY, "--stop-at", "0")[0] == 0
+    assert _run(capsys, "train", "--out", out, "--steps", "3", *TINY, "--stop-at", "0")[0] == 0  # the README spells it with a dash
     assert read_checkpoint(str(out / "checkpoint.pt"))["step"] == 1
-    code, out_text, _ = _run(capsys, "train", "--out", out, "--resume", "--no-progress", "--lr", "3e-4", "--n-embd", "32")
+    code, out_text, _ = _run(capsys, "train", "--out", out, "--resume", "--no_progress", "--lr", "3e-4", "--n_embd", "32",
+                             "--algo_overrides.kl_coef", "0.04")
     assert code == 0 and "at step 1 of 3" in out_text
     assert [h["step"] for h in load_metrics(str(out))] == [0, 1, 2, 3]
-    code, _, _ = _run(capsys, "train", "--out", out, "--resume", "--no-progress", "--steps", "4")  # extend
+    code, _, _ = _run(capsys, "train", "--out", out, "--resume", "--no_progress", "--steps", "4")  # extend
     assert code == 0 and read_checkpoint(str(out / "checkpoint.pt"))["config"]["steps"] == 4
     assert [h["step"] for h in load_metrics(str(out))] == [0, 1, 2, 3, 4]
 
@@ -163,21 +175,21 @@ def test_help_lists_the_sampling_and_reference_sync_flags(capsys):
     code, out, _ = _run(capsys, "train", "--help")
     assert code == 0
     text = " ".join(out.split())
-    for flag, words in [("--top-k", "k most likely tokens"), ("--top-p", "nucleus"), ("--min-p", "min_p *"),
-                        ("--ref-sync-every", "optimizer steps"), ("--ref-sync-alpha", "alpha * policy")]:
+    for flag, words in [("--top_k", "k most likely tokens"), ("--top_p", "nucleus"), ("--min_p", "min_p *"),
+                        ("--ref_sync_every", "optimizer steps"), ("--ref_sync_alpha", "alpha * policy")]:
         assert flag in text and words in text, flag
 
 
 def test_sampling_and_sync_flags_reach_the_trainer(capsys, tmp_path):
     out = tmp_path / "r"
-    flags = ["--top-k", "3", "--top-p", "0.9", "--min-p", "0.05", "--ref-sync-every", "3", "--ref-sync-alpha", "0.5"]
+    flags = ["--top_k", "3", "--top_p", "0.9", "--min_p", "0.05", "--ref_sync_every", "3", "--ref_sync_alpha", "0.5"]
     assert _run(capsys, "train", "--out", out, "--steps", "1", *TINY, *flags)[0] == 0
     stored = read_checkpoint(str(out / "checkpoint.pt"))
     assert {k: stored["config"][k] for k in ("top_k", "top_p", "min_p", "ref_sync_every", "ref_sync_alpha")} == \
         {"top_k": 3, "top_p": 0.9, "min_p": 0.05, "ref_sync_every": 3, "ref_sync_alpha": 0.5}
     assert stored["optimizer_steps"] == 4  # 2 epochs x 2 minibatches: one sync (at 3) happened
     assert any(not torch.equal(stored["reference"][k], v) for k, v in stored["policy"].items())
-    code, _, _ = _run(capsys, "train", "--out", out, "--resume", "--no-progress", "--steps", "2", *flags)
+    code, _, _ = _run(capsys, "train", "--out", out, "--resume", "--no_progress", "--steps", "2", *flags)
     assert code == 0 and read_checkpoint(str(out / "checkpoint.pt"))["optimizer_steps"] == 8
 
 
@@ -192,7 +204,7 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(capsys, run):
     data = bytearray((run / "checkpoint.pt").read_bytes())
     data[len(data) // 2] ^= 0x01
     (run / "checkpoint.pt").write_bytes(bytes(data))
-    code, _, err = _run(capsys, "train", "--out", run, "--resume", "--steps", "3", "--no-progress")
+    code, _, err = _run(capsys, "train", "--out", run, "--resume", "--steps", "3", "--no_progress")
     assert code == 1 and "checkpoint.pt" in _one_error_line(err) and "corrupt" in err
 
 
@@ -217,7 +229,7 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_checkpoint(capsy
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(files_module, "open", full, raising=False)
-    code, _, err = _run(capsys, "train", "--out", run, "--resume", "--steps", "3", "--no-progress")
+    code, _, err = _run(capsys, "train", "--out", run, "--resume", "--steps", "3", "--no_progress")
     assert code == 1 and "No space left on device" in _one_error_line(err)
     assert (run / "checkpoint.pt").read_bytes() == good
 
@@ -266,10 +278,10 @@ def test_ctrl_c_saves_the_last_whole_step_and_resume_equals_the_uninterrupted_ru
 
     monkeypatch.setattr(Trainer, "step", interrupted)
     out = tmp_path / "r"
-    code, _, err = _run(capsys, "train", "--out", out, "--steps", "4", *TINY, "--checkpoint-every", "0")
+    code, _, err = _run(capsys, "train", "--out", out, "--steps", "4", *TINY, "--checkpoint_every", "0")
     assert code == 130 and "holds step 2; --resume continues" in _one_error_line(err)
     monkeypatch.undo()
-    assert _run(capsys, "train", "--out", out, "--resume", "--no-progress")[0] == 0
+    assert _run(capsys, "train", "--out", out, "--resume", "--no_progress")[0] == 0
     straight = tmp_path / "s"
     assert _run(capsys, "train", "--out", straight, "--steps", "4", *TINY)[0] == 0
     assert _deterministic(load_metrics(str(out))) == _deterministic(load_metrics(str(straight)))
@@ -281,7 +293,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
     """SIGKILL a training subprocess at a random point (between or during writes), resume it in-process: no step
     is repeated or lost in metrics.jsonl, and log and weights equal an uninterrupted run's."""
     killed = tmp_path / "killed"
-    args = ["train", "--out", str(killed), "--steps", "100000", *TINY, "--checkpoint-every", "2", "--threads", "1"]
+    args = ["train", "--out", str(killed), "--steps", "100000", *TINY, "--checkpoint_every", "2", "--threads", "1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "grpo_ref", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -299,10 +311,10 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
         proc.wait()
         proc.stderr.close()
     total = max(load_metrics_lines(killed), read_checkpoint(str(killed / "checkpoint.pt"))["step"]) + 2
-    code, _, _ = _run(capsys, "train", "--out", killed, "--resume", "--steps", total, "--no-progress")
+    code, _, _ = _run(capsys, "train", "--out", killed, "--resume", "--steps", total, "--no_progress")
     assert code == 0
     straight = tmp_path / "straight"
-    assert _run(capsys, "train", "--out", straight, "--steps", total, *TINY, "--checkpoint-every", "2")[0] == 0
+    assert _run(capsys, "train", "--out", straight, "--steps", total, *TINY, "--checkpoint_every", "2")[0] == 0
     a, b = load_metrics(str(killed)), load_metrics(str(straight))
     assert [r["step"] for r in a] == list(range(total + 1))
     assert _deterministic(a) == _deterministic(b)
