@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 import tokenize
 import typing
@@ -173,7 +174,7 @@ def _field_comments(cls) -> Dict[str, str]:
     """``{field: comment}`` of the ``name: type = default  # comment`` lines of a dataclass's source ({} if the
     source cannot be read)."""
     try:
-        source = inspect.getsource(cls)
+        source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
     names = {f.name for f in dataclasses.fields(cls)}

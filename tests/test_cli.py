@@ -1,11 +1,18 @@
-"""The command line under faults and bad input: every failure is one line ``error: ...`` on stderr, exit code 2 for
-bad input and 1 for a failed run, a traceback only with ``--debug``; ``--resume`` refuses settings that contradict
-the checkpoint, continues to the checkpoint's total, and after a real kill (SIGKILL of a subprocess) gives the
-same log and weights as the uninterrupted run.
+"""The command line: its flags are derived from ``TrainConfig`` and ``AlgoConfig`` (every field a flag of its name
+with help and its default; ``--algo_overrides.FIELD`` for the preset's fields), ``--config FILE`` is overridden by
+the command line, ``--report_to tensorboard`` writes the scalars of metrics.jsonl, ``plot --x wall`` draws against
+the summed step times, and a non-empty ``--out`` is refused. Under faults and bad input: every failure is one line
+``error: ...`` on stderr, exit code 2 for bad input and 1 for a failed run, a traceback only with ``--debug``, and
+nothing is created before the settings are checked; ``--resume`` refuses settings that contradict the checkpoint,
+continues to the checkpoint's total, and after a real kill (SIGKILL of a subprocess, marked slow) gives the same log
+and weights as the uninterrupted run.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import errno
+import json
 import os
 import re
 import shutil
@@ -13,16 +20,20 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
+from grpo_ref import __main__ as cli
 from grpo_ref import _files as files_module
 from grpo_ref.__main__ import main
+from grpo_ref.algorithms import PRESETS, AlgoConfig
 from grpo_ref.checkpoint import read_checkpoint
 from grpo_ref.tasks import AdditionTask
-from grpo_ref.trainer import TIME_METRICS, load_metrics
+from grpo_ref.trainer import TIME_METRICS, TrainConfig, load_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny, fast run: 3 SFT steps, a 1x32 model, 4 prompts x 4 samples, evaluation every step
@@ -289,6 +300,7 @@ def test_ctrl_c_saves_the_last_whole_step_and_resume_equals_the_uninterrupted_ru
 
 # -- a real kill ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess (its own torch import) trained, killed and resumed: 15-40 s on a busy machine
 def test_sigkill_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
     """SIGKILL a training subprocess at a random point (between or during writes), resume it in-process: no step
     is repeated or lost in metrics.jsonl, and log and weights equal an uninterrupted run's."""
@@ -325,3 +337,260 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
 def load_metrics_lines(run: Path) -> int:
     """Complete lines in a (possibly half-written) metrics.jsonl."""
     return (run / "metrics.jsonl").read_text().count("\n")
+
+
+# -- the parser: derived from TrainConfig and AlgoConfig -------------------------------------------------------------
+
+def _train_actions() -> dict:
+    import jsonargparse
+
+    return {a.dest: a for a in cli._train_parser(jsonargparse)._actions}
+
+
+def _help_text(capsys, *argv) -> str:
+    code, out, _ = _run(capsys, *argv, "--help")
+    assert code == 0
+    return " ".join(out.split())
+
+
+def test_every_train_config_field_has_a_flag_of_its_name_with_help_and_its_default(capsys):
+    actions = _train_actions()
+    text = _help_text(capsys, "train")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "algo_overrides":  # a dict: its keys are the --algo_overrides.FIELD flags below
+            continue
+        action = actions.get(f.name)
+        assert action is not None and f"--{f.name}" in action.option_strings, f.name
+        assert action.help and action.help.strip(), f"--{f.name} has no help"
+        assert action.default == f.default, (f.name, action.default, f.default)
+        assert f"--{f.name}" in text, f.name
+    # the defaults are what --help prints too, e.g. TrainConfig's lr and minibatches
+    assert "--lr LR policy learning rate (AdamW) (type: float, default: 0.0003)" in text
+    assert f"default: {TrainConfig().minibatches})" in text
+
+
+def test_every_algo_config_field_is_an_override_of_the_preset_with_help(capsys):
+    actions = _train_actions()
+    text = _help_text(capsys, "train")
+    for f in dataclasses.fields(AlgoConfig):
+        dest = f"algo_overrides.{f.name}"
+        if f.name in ("name", "group_size"):  # the preset's name, and TrainConfig.group_size
+            assert dest not in actions
+            continue
+        assert dest in actions and actions[dest].help.strip(), f.name
+        assert actions[dest].default is argparse.SUPPRESS, f.name  # not given: the preset's value stays
+        assert f"--{dest}" in text
+        assert f"(grpo: {json.dumps(getattr(PRESETS['grpo'], f.name))})" in actions[dest].help, f.name
+
+
+def test_a_field_without_help_or_comment_would_have_no_help():
+    """The help check above can fail: a field that neither the table nor a source comment describes gets ''."""
+    @dataclasses.dataclass
+    class Undocumented:
+        x: int = 1
+        y: int = 2  # the y
+
+    assert cli.field_help(Undocumented, "x") == ""
+    assert cli._field_comments(Undocumented) == {"y": "the y"}
+
+
+def _value_for(hint, default):
+    """A command-line spelling of a value of ``hint`` other than ``default``, and the value it parses to."""
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if base is bool:
+        return "true", True
+    if base is int:
+        return str((default or 0) + 3), (default or 0) + 3
+    if base is float:
+        return "0.125", 0.125
+    return "some_text", "some_text"
+
+
+def test_every_train_config_flag_reaches_its_field():
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "algo_overrides":
+            continue
+        text, value = _value_for(hints[f.name], f.default)
+        command, given = cli.parse(["train", "--out", "x", f"--{f.name}", text])
+        assert command == "train" and given == {"out": "x", f.name: value}, f.name
+        # the dashed spelling is the same flag
+        assert cli.parse(["train", "--out", "x", f"--{f.name.replace('_', '-')}", text])[1] == given
+
+
+def test_algo_overrides_reach_the_algo_config(capsys, tmp_path):
+    _, given = cli.parse(["train", "--out", "x", "--algo", "dapo", "--algo_overrides.kl_coef", "0.5",
+                          "--algo_overrides.dual_clip", "null", "--algo-overrides.filter-groups", "false"])
+    assert given["algo_overrides"] == {"kl_coef": 0.5, "dual_clip": None, "filter_groups": False}
+    algo = cli._train_config(given).algo_config()
+    assert (algo.name, algo.kl_coef, algo.filter_groups, algo.eps_high) == ("dapo", 0.5, False, 0.28)
+    out = tmp_path / "r"
+    assert _run(capsys, "train", "--out", out, "--steps", "1", *TINY, "--algo_overrides.eps_high", "0.3")[0] == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["train"]["algo_overrides"] == {"eps_high": 0.3} and stored["algo"]["eps_high"] == 0.3
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_config_file_values_are_used_and_the_command_line_overrides_them(tmp_path, suffix):
+    settings = {"lr": 0.001, "seed": 7, "algo": "dr_grpo", "algo_overrides": {"kl_coef": 0.1, "eps_high": 0.3},
+                "n_embd": 16, "top_k": 5}
+    path = tmp_path / f"c.{suffix}"
+    if suffix == "json":
+        path.write_text(json.dumps(settings))
+    else:
+        path.write_text("lr: 0.001\nseed: 7\nalgo: dr_grpo\nalgo_overrides:\n  kl_coef: 0.1\n  eps_high: 0.3\n"
+                        "n_embd: 16\ntop_k: 5\n")
+    _, given = cli.parse(["train", "--out", "x", "--config", str(path)])
+    assert given == {"out": "x", **settings}
+    # the command line wins over the file, whether it comes before or after --config
+    for argv in (["--seed", "1", "--config", str(path), "--algo_overrides.kl_coef", "0"],
+                 ["--config", str(path), "--seed", "1", "--algo_overrides.kl_coef", "0"]):
+        _, given = cli.parse(["train", "--out", "x", *argv])
+        assert given["seed"] == 1 and given["algo_overrides"] == {"kl_coef": 0.0, "eps_high": 0.3}
+        assert given["lr"] == 0.001 and given["algo"] == "dr_grpo"
+
+
+def test_a_config_file_with_an_unknown_key_or_a_bad_value_is_a_one_line_error(capsys, tmp_path):
+    for text, match in [("lr: 0.001\nnosuch: 1\n", "nosuch"), ("steps: many\n", "steps"),
+                        ("algo_overrides:\n  klcoef: 0.1\n", "klcoef")]:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        code, _, err = _run(capsys, "train", "--out", tmp_path / "r", "--config", path)
+        assert code == 2 and match in _one_error_line(err), err
+    code, _, err = _run(capsys, "train", "--out", tmp_path / "r", "--config", tmp_path / "missing.yaml")
+    assert code == 2 and "missing.yaml" in _one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_file_run_and_resume_with_the_same_file(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("warm_max_steps: 3\nn_layer: 1\nn_embd: 32\nprompts_per_step: 4\nminibatches: 2\n"
+                    "eval_every: 1\nno_progress: true\nsteps: 1\nseed: 3\n")
+    out = tmp_path / "r"
+    assert _run(capsys, "train", "--config", path, "--out", out, "--lr", "0.001")[0] == 0
+    stored = read_checkpoint(str(out / "checkpoint.pt"))["config"]
+    assert (stored["seed"], stored["lr"], stored["prompts_per_step"], stored["steps"]) == (3, 0.001, 4, 1)
+    # --resume with the file: its settings equal the checkpoint's, except those only used at the start
+    path.write_text("n_layer: 1\nn_embd: 32\nprompts_per_step: 4\nminibatches: 2\neval_every: 1\nseed: 3\n")
+    code, _, err = _run(capsys, "train", "--config", path, "--out", out, "--resume", "--steps", "2", "--lr", "0.001")
+    assert code == 0, err
+    assert [h["step"] for h in load_metrics(str(out))] == [0, 1, 2]
+
+
+def test_without_jsonargparse_the_command_line_names_the_extra_to_install(capsys, monkeypatch):
+    name = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("jsonargparse") for req in extras["cli"])
+    monkeypatch.setitem(sys.modules, "jsonargparse", None)  # import jsonargparse -> ImportError
+    code, _, err = _run(capsys, "--help")
+    assert code == 1
+    assert f'pip install "{name}[cli]"' in _one_error_line(err) and "jsonargparse" in err
+
+
+def test_threads_defaults_to_one_and_says_why(capsys):
+    action = _train_actions()["threads"]
+    assert action.default == 1
+    assert "benchmarks/threads.py" in action.help and "threads.txt" in action.help
+    assert (ROOT / "benchmarks" / "results" / "threads.txt").exists()
+
+
+# -- --out is not silently overwritten -------------------------------------------------------------------------------
+
+def test_a_non_empty_out_is_refused_and_overwrite_keeps_files_that_are_not_the_run(capsys, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, "train", "--out", out, "--steps", "1", *TINY)
+    assert code == 2 and "is not empty (notes.txt)" in _one_error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert _run(capsys, "train", "--out", out, "--steps", "1", *TINY, "--overwrite")[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint.pt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is fine
+    assert _run(capsys, "train", "--out", empty, "--steps", "0", *TINY)[0] == 0
+
+
+# -- TensorBoard ------------------------------------------------------------------------------------------------------
+
+def _tensorboard_scalars(out: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _jsonl_scalars(out: Path) -> dict:
+    scalars: dict = {}
+    for rec in load_metrics(str(out)):
+        for key, value in rec.items():
+            if key != "step":
+                scalars.setdefault(key, []).append((rec["step"], value))
+    return scalars
+
+
+def _assert_same_scalars(board: dict, log: dict):
+    assert sorted(board) == sorted(log)
+    for tag, points in log.items():
+        assert [s for s, _ in board[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in board[tag]] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-30), tag  # float32
+
+
+def test_report_to_tensorboard_writes_the_scalars_of_metrics_jsonl(capsys, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "r"
+    code, text, _ = _run(capsys, "train", "--out", out, "--steps", "2", *TINY, "--report-to", "tensorboard")
+    assert code == 0 and "tensorboard/" in text
+    log = _jsonl_scalars(out)
+    assert {"eval_accuracy", "reward_mean", "time_step_s"} <= set(log) and len(log["reward_mean"]) == 2
+    _assert_same_scalars(_tensorboard_scalars(out), log)
+    # a resumed run writes its whole history after a restart marker: TensorBoard shows exactly metrics.jsonl
+    code, _, err = _run(capsys, "train", "--out", out, "--resume", "--steps", "3", "--no_progress",
+                        "--report_to", "tensorboard")
+    assert code == 0, err
+    _assert_same_scalars(_tensorboard_scalars(out), _jsonl_scalars(out))
+    assert [s for s, _ in _tensorboard_scalars(out)["reward_mean"]] == [1, 2, 3]
+
+
+def test_without_report_to_no_tensorboard_folder(capsys, run):
+    assert not (run / "tensorboard").exists()
+
+
+def test_report_to_tensorboard_without_tensorboard_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code, _, err = _run(capsys, "train", "--out", tmp_path / "r", *TINY, "--report_to", "tensorboard")
+    assert code == 2 and "pip install tensorboard" in _one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+# -- plot --x wall ----------------------------------------------------------------------------------------------------
+
+def test_plot_x_wall_draws_against_the_cumulative_step_time(capsys, run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from grpo_ref import plotting
+
+    seen = {}
+    real_compare, real_run = plotting.compare_runs, plotting.plot_run
+
+    def compare_spy(runs, metric, x, path):
+        seen["compare"] = x
+        return real_compare(runs, metric, x, path)
+
+    def run_spy(history, path, title="", x="step"):
+        seen["run"] = x
+        return real_run(history, path, title=title, x=x)
+
+    monkeypatch.setattr(plotting, "compare_runs", compare_spy)
+    monkeypatch.setattr(plotting, "plot_run", run_spy)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    assert _run(capsys, "plot", run, other, "--out", tmp_path / "c.png", "--x", "wall")[0] == 0
+    assert _run(capsys, "plot", run, "--out", tmp_path / "d.png", "--x", "wall")[0] == 0
+    assert seen == {"compare": "wall", "run": "wall"} and (tmp_path / "c.png").stat().st_size > 0
+    records = load_metrics(str(run))
+    xs, _ = plotting.series(records, "reward_mean", "wall")
+    steps = [r for r in records if "reward_mean" in r]
+    assert xs == pytest.approx([sum(r["time_step_s"] for r in steps[:i + 1]) for i in range(len(steps))])
+    code, _, err = _run(capsys, "plot", run, "--out", tmp_path / "e.png", "--x", "hours")
+    assert code == 2 and "hours" in _one_error_line(err)
