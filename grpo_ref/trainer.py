@@ -141,7 +141,8 @@ class TrainConfig:
     The defaults are tuned for ``AdditionTask(n_digits=2)`` and the 2x128 :class:`~grpo_ref.model.TinyGPT` on a CPU: G = 4
     completions for each of 64 prompts per step (more distinct prompts per step beat larger groups here),
     AdamW at 3e-4 with 20 warm-up steps (without warm-up, Adam's first sign-like steps knock the SFT policy
-    down before it improves), ``mu = 2`` epochs of 4 minibatches.
+    down before it improves), ``mu = 2`` epochs of 4 minibatches. The optimizers are :func:`adamw` (torch's fused
+    AdamW where the parameters allow it, as TRL's default).
 
     Sampling: ``top_k`` (0 = off), ``top_p`` in ``(0, 1]`` (1 = off), ``min_p`` in ``[0, 1]`` (0 = off) filter the
     distribution the rollout samples from, after the temperature, as Hugging Face ``generate`` (TRL 1.16.0
@@ -424,10 +425,8 @@ class Trainer:
             if critic is None:
                 critic = self._default_critic(policy, config)
             self.critic = critic.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.critic_optimizer = (
-            torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr, weight_decay=config.weight_decay) if self.critic else None
-        )
+        self.optimizer = adamw(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.critic_optimizer = adamw(self.critic.parameters(), lr=config.critic_lr, weight_decay=config.weight_decay) if self.critic else None
         # Two generators: prompts and minibatch shuffles on the CPU (device independent), token draws on the device.
         self.prompt_generator = torch.Generator().manual_seed(config.seed)
         self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
@@ -903,6 +902,17 @@ class Trainer:
         trainer = cls(policy, task, config)
         trainer.load_state_dict(state)
         return trainer
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with torch's fused kernel where every parameter allows it (floating point, on the CPU or a
+    CUDA device), else the default implementation. The same update rule (Loshchilov & Hutter 2019) up to float
+    rounding; the fused one is what TRL 1.16.0 trains with (transformers 5.x ``TrainingArguments.optim`` defaults
+    to ``adamw_torch_fused``), and on the CPU it is ~5x faster here on the 2x128 TinyGPT (1.8 ms vs 9.3 ms per
+    step, 1 thread), which is ~10% of a training step (benchmarks/loop_vs_trl.py)."""
+    params = [p for p in params]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def global_token_normaliser(mask: torch.Tensor, n_minibatches: int) -> float:
