@@ -78,23 +78,25 @@ def test_every_defined_key_is_logged(logged_keys):
     assert not stale, f"book/monitoring.md defines keys the trainer does not log: {stale}"
 
 
-# -- the table of the committed runs -----------------------------------------------------------------------------
+# -- the tables of the committed runs ----------------------------------------------------------------------------
 
-def table() -> tuple:
-    """``(columns, rows)``: columns ``[(algo, first, last)]`` from the header, rows ``{metric: [cell or None]}``."""
-    m = re.search(r"^\| metric \|(.*)\n\|[- |]+\n((?:\|.*\n)+)", TEXT, re.M)
-    assert m, "the committed-runs table is missing"
-    cols = []
-    for head in m.group(1).split("|")[:-1]:
-        h = re.fullmatch(r"\s*(GRPO|PPO), steps (\d+)-(\d+)\s*", head)
-        assert h, f"unexpected column header {head!r}"
-        cols.append((h.group(1).lower(), int(h.group(2)), int(h.group(3))))
-    rows = {}
-    for line in m.group(2).splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        name = re.fullmatch(r"`([a-z_]+)`", cells[0]).group(1)
-        rows[name] = [float(c) if c else None for c in cells[1:]]
-    return cols, rows
+def tables() -> dict:
+    """``{algo: (windows, rows)}`` for the page's tables headed ``| GRPO | steps a-b | steps c-d |`` (and PPO):
+    ``windows`` the ``(first, last)`` step ranges of the columns, ``rows`` ``{metric: [cell text, ...]}``."""
+    out = {}
+    for m in re.finditer(r"^\| (GRPO|PPO) \|(.*)\n\|[- |]+\n((?:\|.*\n)+)", TEXT, re.M):
+        windows = []
+        for head in m.group(2).split("|")[:-1]:
+            h = re.fullmatch(r"\s*steps (\d+)-(\d+)\s*", head)
+            assert h, f"unexpected column header {head!r}"
+            windows.append((int(h.group(1)), int(h.group(2))))
+        rows = {}
+        for line in m.group(3).splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[re.fullmatch(r"`([a-z_]+)`", cells[0]).group(1)] = cells[1:]
+        out[m.group(1).lower()] = (windows, rows)
+    assert set(out) == {"grpo", "ppo"}, f"expected a GRPO and a PPO table, found {sorted(out)}"
+    return out
 
 
 def window_mean(runs: list, algo: str, key: str, first: int, last: int):
@@ -110,32 +112,26 @@ def _decimals(cell: str) -> int:
 def test_table_cells_are_computed_from_the_committed_runs():
     runs = json.loads(RUNS.read_text())
     assert sorted({r["seed"] for r in runs if r["algo"] == "grpo"}) == [0, 1, 2]
-    cols, rows = table()
-    raw = {re.fullmatch(r"\|\s*`([a-z_]+)`.*", line).group(1): [c.strip() for c in line.strip().strip("|").split("|")][1:]
-           for line in TEXT.splitlines() if re.fullmatch(r"\|\s*`[a-z_]+`\s*\|.*", line)}
-    assert len(rows) >= 8
-    for key, cells in rows.items():
-        for (algo, first, last), cell, text in zip(cols, cells, raw[key]):
-            want = window_mean(runs, algo, key, first, last)
-            if cell is None:
-                assert want is None, f"{key} {algo} {first}-{last}: the page leaves a cell empty that the data has"
-                continue
-            tol = 0.5 * 10 ** -_decimals(text) + 1e-12  # the page rounds to its printed digits
-            assert want == pytest.approx(cell, abs=tol), f"{key} {algo} steps {first}-{last}: page {cell}, data {want:.4f}"
+    for algo, (windows, rows) in tables().items():
+        assert len(rows) >= 8
+        for key, cells in rows.items():
+            for (first, last), text in zip(windows, cells):
+                want = window_mean(runs, algo, key, first, last)
+                assert want is not None, f"{algo} {key}: not in the committed runs"
+                tol = 0.5 * 10 ** -_decimals(text) + 1e-12  # the page rounds to its printed digits
+                assert want == pytest.approx(float(text), abs=tol), (
+                    f"{key} {algo} steps {first}-{last}: page {text}, data {want:.4f}")
 
 
-def test_the_prose_about_the_table_holds():
-    """The sentences under the table: rewards rise and entropy falls in both; PPO clips more on the low side; its
+def test_the_prose_about_the_tables_holds():
+    """The sentences under the tables: rewards rise and entropy falls in both; PPO clips more on the low side; its
     value_mean stays below reward_mean; GRPO's groups_with_signal rises, PPO's ends lower than it began."""
-    cols, rows = table()
-    idx = {(a, f): k for k, (a, f, _) in enumerate(cols)}
-    first = {a: idx[(a, f)] for (a, f) in idx if f == min(ff for aa, ff in idx if aa == a)}
-    last = {a: idx[(a, f)] for (a, f) in idx if f == max(ff for aa, ff in idx if aa == a)}
+    t = {algo: {k: [float(c) for c in v] for k, v in rows.items()} for algo, (_, rows) in tables().items()}
     for a in ("grpo", "ppo"):
-        assert rows["reward_mean"][last[a]] > rows["reward_mean"][first[a]]
-        assert rows["entropy"][last[a]] < rows["entropy"][first[a]]
-    for w in (first, last):
-        assert rows["clip_frac_low"][w["ppo"]] > rows["clip_frac_low"][w["grpo"]]
-        assert rows["value_mean"][w["ppo"]] < rows["reward_mean"][w["ppo"]]
-    assert rows["groups_with_signal"][last["grpo"]] > rows["groups_with_signal"][first["grpo"]]
-    assert rows["groups_with_signal"][last["ppo"]] < rows["groups_with_signal"][first["ppo"]]
+        assert t[a]["reward_mean"][-1] > t[a]["reward_mean"][0]
+        assert t[a]["entropy"][-1] < t[a]["entropy"][0]
+    for w in (0, -1):
+        assert t["ppo"]["clip_frac_low"][w] > t["grpo"]["clip_frac_low"][w]
+        assert t["ppo"]["value_mean"][w] < t["ppo"]["reward_mean"][w]
+    assert t["grpo"]["groups_with_signal"][-1] > t["grpo"]["groups_with_signal"][0]
+    assert t["ppo"]["groups_with_signal"][-1] < t["ppo"]["groups_with_signal"][0]
