@@ -223,7 +223,7 @@ def build_parser():
 def _train_parser(ja):
     t = ja.ArgumentParser(
         prog=f"{PROG} train", exit_on_error=False, allow_abbrev=False,
-        usage=f"{PROG} train --out DIR [--config FILE] [--algo NAME] [--FIELD VALUE ...] [--algo_overrides.FIELD VALUE ...]",
+        usage=f"{PROG} train --out DIR [--config FILE] [--FIELD VALUE ...]",
         description="Warm-start a TinyGPT on the addition task by SFT, then train it with RL. Every TrainConfig "
                     "field is a flag of its name; every AlgoConfig field overrides the --algo preset as "
                     "--algo_overrides.FIELD. Dashes may replace underscores; null stands for None.",
@@ -266,6 +266,7 @@ def _train_parser(ja):
 
 def _plot_parser(ja):
     p = ja.ArgumentParser(prog=f"{PROG} plot", exit_on_error=False, allow_abbrev=False,
+                          usage=f"{PROG} plot RUN [RUN ...] --out PNG [--metric NAME] [--x AXIS]",
                           description="Draw one run's dashboard (or one --metric), or compare several runs.")
     p.add_argument("runs", type=str, nargs="+", help="run folders (holding metrics.jsonl)")
     p.add_argument("--out", type=str, required=True, help="PNG path")

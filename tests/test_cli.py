@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -594,3 +595,60 @@ def test_plot_x_wall_draws_against_the_cumulative_step_time(capsys, run, tmp_pat
     assert xs == pytest.approx([sum(r["time_step_s"] for r in steps[:i + 1]) for i in range(len(steps))])
     code, _, err = _run(capsys, "plot", run, "--out", tmp_path / "e.png", "--x", "hours")
     assert code == 2 and "hours" in _one_error_line(err)
+
+
+# -- the book's page book/cli.md shows what the command line does ---------------------------------------------------
+
+
+CLI_PAGE = ROOT / "book" / "cli.md"
+
+
+def _blocks(lang: str) -> list:
+    return re.findall(rf"```{lang}\n(.*?)```", CLI_PAGE.read_text(), re.S)
+
+
+def _help_of(capsys, monkeypatch, *argv) -> str:
+    monkeypatch.setenv("COLUMNS", "88")  # the page's width (tests/test_book_layout.py: code lines <= 88 columns)
+    code, out, _ = _run(capsys, *argv, "--help")
+    assert code == 0
+    return out
+
+
+def test_the_help_shown_in_the_book_is_the_help_of_the_command(capsys, monkeypatch):
+    usages = {"usage: python -m grpo_ref {": (), "usage: python -m grpo_ref plot": ("plot",)}
+    shown = [b for b in _blocks("text") if b.startswith("usage: python -m grpo_ref")]
+    assert len(shown) == 2
+    for block in shown:
+        argv = next(v for prefix, v in usages.items() if block.startswith(prefix))
+        assert block.rstrip("\n") == _help_of(capsys, monkeypatch, *argv).rstrip("\n"), argv
+    train = _help_of(capsys, monkeypatch, "train")
+    excerpts = [b for b in _blocks("text") if b.startswith(("the run:", "AlgoConfig overrides:"))]
+    assert len(excerpts) == 2
+    for block in excerpts:
+        text = block.rstrip("\n").removesuffix("\n  ...")
+        assert text in train, text[:40]
+
+
+def test_every_command_in_the_book_parses(monkeypatch, tmp_path):
+    (yaml_text,) = _blocks("yaml")
+    (tmp_path / "grpo.yaml").write_text(yaml_text)
+    monkeypatch.chdir(tmp_path)
+    commands = []
+    for block in _blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("python -m grpo_ref"):
+                commands.append(shlex.split(line, comments=True)[3:])
+    assert len(commands) >= 10
+    for argv in commands:
+        command, given = cli.parse(argv)
+        if "--config" in argv:
+            assert given["algo_overrides"] == {"eps_high": 0.28, "kl_coef": 0.0} and given["stop_at"] == 0.9
+
+
+def test_the_error_shown_in_the_book_is_the_error_of_the_command(capsys, tmp_path):
+    (block,) = [b for b in _blocks("text") if b.startswith("$ python -m grpo_ref")]
+    command, *shown = block.strip().splitlines()
+    argv = shlex.split(command)[4:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "g1")
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and _one_error_line(err) == " ".join(shown)
