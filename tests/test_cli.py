@@ -639,6 +639,9 @@ def test_every_command_in_the_book_parses(monkeypatch, tmp_path):
             if line.startswith("python -m grpo_ref"):
                 commands.append(shlex.split(line, comments=True)[3:])
     assert len(commands) >= 10
+    (inline_json,) = re.findall(r"The JSON file `(\{.*?\})`", CLI_PAGE.read_text().replace("\n", " "))
+    (tmp_path / "grpo.json").write_text(inline_json)
+    assert cli.parse(["train", "--out", "x", "--config", "grpo.json"])[1] == {"out": "x", **json.loads(inline_json)}
     for argv in commands:
         command, given = cli.parse(argv)
         if "--config" in argv:
