@@ -371,7 +371,7 @@ def test_cli_train_resume_and_plot(tmp_path, capsys):
     from grpo_ref.__main__ import main
 
     out = str(tmp_path / "run")
-    common = ["--out", out, "--n-embd", "32", "--prompts", "4", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"]
+    common = ["--out", out, "--n-embd", "32", "--prompts-per-step", "4", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"]
     assert main(["train", "--algo", "grpo", "--steps", "2", "--warm-max-steps", "3", *common]) == 0
     for name in ("config.json", "metrics.jsonl", "metrics.png", "checkpoint.pt"):
         assert (tmp_path / "run" / name).exists(), name
