@@ -124,12 +124,14 @@ def test_table_cells_are_computed_from_the_committed_runs():
 
 
 def test_the_prose_about_the_tables_holds():
-    """The sentences under the tables: rewards rise and entropy falls in both; PPO clips more on the low side; its
-    value_mean stays below reward_mean; GRPO's groups_with_signal rises, PPO's ends lower than it began."""
+    """The sentences under the tables (and the grad_norm entry): rewards and grad_norm rise and entropy falls in
+    both; PPO clips more on the low side; its value_mean stays below reward_mean; GRPO's groups_with_signal rises,
+    PPO's ends lower than it began."""
     t = {algo: {k: [float(c) for c in v] for k, v in rows.items()} for algo, (_, rows) in tables().items()}
     for a in ("grpo", "ppo"):
         assert t[a]["reward_mean"][-1] > t[a]["reward_mean"][0]
         assert t[a]["entropy"][-1] < t[a]["entropy"][0]
+        assert t[a]["grad_norm"][-1] > t[a]["grad_norm"][0]  # the grad_norm entry: grows as entropy falls
     for w in (0, -1):
         assert t["ppo"]["clip_frac_low"][w] > t["grpo"]["clip_frac_low"][w]
         assert t["ppo"]["value_mean"][w] < t["ppo"]["reward_mean"][w]
