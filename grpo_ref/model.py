@@ -167,6 +167,34 @@ class TinyGPT(nn.Module):
         reads this and ``lm_head.weight``."""
         return self._trunk(input_ids, attention_mask, position_ids, None)[0]
 
+    def final_hidden_shared_prefix(
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        rows: torch.Tensor,
+        suffix_ids: torch.Tensor,
+        suffix_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[B, P + S, C]`` what :meth:`final_hidden` gives for ``cat(prefix_ids[rows], suffix_ids)``, computing each
+        distinct prefix once. ``prefix_ids, prefix_mask: [U, P]`` the distinct (left-padded) prompts; ``rows: [B]``
+        int64 index of each row's prompt in ``[0, U)``; ``suffix_ids, suffix_mask: [B, S]`` the responses.
+
+        Exact, not an approximation: under causal attention a prompt position never sees the response, so the ``U``
+        prompts' hidden states and keys/values are those of all ``B`` rows; the responses then attend to the rows'
+        copies of those keys/values (the KV-cache path of :meth:`forward`). Autograd sums the gradient of a shared
+        prompt over the rows that use it. It saves the prompt positions of every row whose prompt appeared before: with
+        ``G`` completions per prompt, ``(G - 1) / G`` of them. Values equal :meth:`final_hidden` up to float rounding
+        (tests/test_shared_prefix.py)."""
+        rows = check_ids("rows", rows)
+        if rows.dim() != 1 or rows.numel() != suffix_ids.shape[0] or int(rows.max()) >= prefix_ids.shape[0]:
+            raise ValueError(f"rows must be [B] = [{suffix_ids.shape[0]}] indices into the {prefix_ids.shape[0]} prefixes, "
+                             f"got shape {tuple(rows.shape)}")
+        h_prefix, cache = self._trunk(prefix_ids, prefix_mask, position_ids_from_mask(prefix_mask), None)
+        past = [(k[rows], v[rows]) for k, v in cache]
+        mask = torch.cat([prefix_mask[rows], suffix_mask.to(prefix_mask.dtype)], dim=1)
+        h_suffix, _ = self._trunk(suffix_ids, mask, None, past)
+        return torch.cat([h_prefix[rows], h_suffix], dim=1)
+
     def _trunk(self, input_ids, attention_mask, position_ids, past_key_values):
         """``(ln_f output [B, T_new, C], new cache)``: everything of :meth:`forward` but ``lm_head``."""
         check_tensor("input_ids", input_ids)

@@ -215,6 +215,7 @@ class TrainConfig:
     old_logp_source: str = "recompute"  # pi_old's log-probs: "recompute" (a forward pass) or "sampler" (see below)
     critic: str = "separate"  # PPO's critic: "separate" (its own transformer) or "shared" (a head on the policy trunk)
     critic_layers: int = 0  # separate critic: keep only the first k blocks of the policy copy (0: all of them)
+    share_prompts: bool = True  # TinyGPT: each distinct prompt through the model once per pass (exact; response_hidden)
 
     def __post_init__(self) -> None:
         for name, hint in typing.get_type_hints(TrainConfig).items():
@@ -301,7 +302,8 @@ CRITIC_MODES = ("separate", "shared")
 
 
 def response_logprobs(
-    model: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False, path: str = "auto"
+    model: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False, path: str = "auto",
+    share_prompts: bool = True,
 ) -> tuple:
     """Log-probs ``[B, N]`` of the response tokens under ``model`` (one forward pass over prompt + response) at
     ``temperature`` (TRL's convention: the
@@ -321,7 +323,8 @@ def response_logprobs(
     * ``"auto"`` (default): ``"fused"`` when :func:`~grpo_ref.model.output_head` finds a head
       (:class:`~grpo_ref.model.TinyGPT`, Hugging Face GPT-2/Llama/Mistral/Qwen2/Qwen3), else ``"logits"``.
 
-    Both paths give the same values and gradients up to float rounding (tests/test_trainer_fused_path.py)."""
+    Both paths give the same values and gradients up to float rounding (tests/test_trainer_fused_path.py).
+    ``share_prompts``: on the fused path, compute each distinct prompt once (:func:`response_hidden`)."""
     if path not in LOGPROB_PATHS:
         raise ValueError(f"path must be one of {LOGPROB_PATHS}, got {path!r}")
     p = batch.prompt_ids.shape[1]
@@ -333,8 +336,25 @@ def response_logprobs(
         logits = lm_logits(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
         logp = token_logprobs(logits, batch.response_ids, temperature)
         return logp, (token_entropy(logits, temperature) if with_entropy else None)
-    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+    hidden = response_hidden(model, batch, share_prompts)
     return _logprobs_from_hidden(hidden, head, batch.response_ids, temperature, with_entropy, fused=True)
+
+
+def response_hidden(model: nn.Module, batch: Rollout, share_prompts: bool = True) -> torch.Tensor:
+    """``[B, N, H]`` the final hidden states of the positions that score the response tokens (``P - 1 + t`` for token
+    ``t``). With ``share_prompts`` and a :class:`~grpo_ref.model.TinyGPT` whose batch repeats prompts (a group's ``G``
+    completions share one), each distinct prompt goes through the model once
+    (:meth:`~grpo_ref.model.TinyGPT.final_hidden_shared_prefix`, exact up to float rounding); otherwise one pass
+    over every row (:func:`~grpo_ref.model.final_hidden_states`)."""
+    p = batch.prompt_ids.shape[1]
+    if share_prompts and isinstance(model, TinyGPT) and batch.prompt_ids.shape[0] > 1:
+        keys = torch.cat([batch.prompt_ids, batch.prompt_mask.to(batch.prompt_ids.dtype)], dim=1)
+        uniq, rows = torch.unique(keys, dim=0, return_inverse=True)
+        if uniq.shape[0] < keys.shape[0]:
+            hidden = model.final_hidden_shared_prefix(uniq[:, :p], uniq[:, p:].to(batch.prompt_mask.dtype), rows,
+                                                      batch.response_ids, batch.response_mask.long())
+            return hidden[:, p - 1 : -1]
+    return final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
 
 
 def _logprobs_from_hidden(hidden, head, tokens, temperature, with_entropy, fused):
@@ -350,7 +370,7 @@ def _logprobs_from_hidden(hidden, head, tokens, temperature, with_entropy, fused
 
 def response_logprobs_and_values(
     model: nn.Module, value_head: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False,
-    path: str = "auto",
+    path: str = "auto", share_prompts: bool = True,
 ) -> tuple:
     """PPO with a critic on the policy's trunk (``TrainConfig(critic="shared")``): ``(logp [B, N], entropy [B, N] |
     None, values [B, N])`` from *one* pass of the policy's trunk. The final hidden states ``[B, N, H]`` of the positions
@@ -364,8 +384,7 @@ def response_logprobs_and_values(
     if head is None:
         raise ValueError(f"a shared critic needs the policy's final hidden states, and {type(model).__name__} has no output "
                          "head grpo_ref.model.output_head reaches; use TrainConfig(critic='separate')")
-    p = batch.prompt_ids.shape[1]
-    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, p - 1 : -1]
+    hidden = response_hidden(model, batch, share_prompts)
     logp, entropy = _logprobs_from_hidden(hidden, head, batch.response_ids, temperature, with_entropy, fused=path != "logits")
     return logp, entropy, value_head(hidden)
 
@@ -450,8 +469,10 @@ class Trainer:
         the critic's values (a shared critic reads the same forward pass: :func:`response_logprobs_and_values`)."""
         cfg = self.config
         if self.shared_critic:
-            return response_logprobs_and_values(self.policy, self.critic, batch, cfg.temperature, with_entropy, cfg.logprob_path)
-        logp, entropy = response_logprobs(self.policy, batch, cfg.temperature, with_entropy=with_entropy, path=cfg.logprob_path)
+            return response_logprobs_and_values(self.policy, self.critic, batch, cfg.temperature, with_entropy, cfg.logprob_path,
+                                                cfg.share_prompts)
+        logp, entropy = response_logprobs(self.policy, batch, cfg.temperature, with_entropy=with_entropy, path=cfg.logprob_path,
+                                          share_prompts=cfg.share_prompts)
         return logp, entropy, (response_values(self.critic, batch) if self.critic is not None else None)
 
     # -- pieces a notebook can call one at a time -------------------------------------------------------------------
@@ -629,7 +650,8 @@ class Trainer:
                 old_logp, _, old_values = self.policy_pass(batch)
                 if from_sampler:
                     old_logp = batch.sample_logp
-            ref_logp, _ = response_logprobs(self.reference, batch, cfg.temperature, path=cfg.logprob_path)
+            ref_logp, _ = response_logprobs(self.reference, batch, cfg.temperature, path=cfg.logprob_path,
+                                            share_prompts=cfg.share_prompts)
         self._check("old_logp", old_logp[mask > 0])
         adv, returns = compute_advantages(algo, batch.rewards, mask, old_logp=old_logp, ref_logp=ref_logp, values=old_values)
         self._check("advantages", adv)
