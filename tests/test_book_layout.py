@@ -17,7 +17,7 @@ when it is cut (content wider than an element that does not scroll), when it sti
 when the page itself scrolls sideways. A container that scrolls sideways is allowed on the phone (400 px) and
 nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium binary (the system
 package ``chromium``, found on PATH or at /usr/bin/chromium; ``CHROMIUM`` overrides): without them it is skipped
-with the reason.
+with the reason. ``BOOK_LAYOUT_HTML=<folder of a build>`` checks that build instead of building.
 """
 from __future__ import annotations
 
@@ -323,9 +323,26 @@ CHECK_JS = r"""
       }
     }
   }
-  const pageExcess = document.documentElement.scrollWidth - window.innerWidth;
-  if (pageExcess > 1) problems.push({kind: 'page', problem: 'the page scrolls sideways', excess: pageExcess,
-                                     element: 'html'});
+  const de = document.documentElement;
+  const pageExcess = de.scrollWidth - window.innerWidth;
+  if (pageExcess > 1) {
+    // name the culprit: descend into the child whose removal shrinks the page
+    let node = document.body, culprit = 'html';
+    for (let depth = 0; depth < 40 && node; depth++) {
+      let found = null;
+      for (const ch of node.children) {
+        const old = ch.style.display;
+        ch.style.display = 'none';
+        const shrinks = de.scrollWidth < window.innerWidth + pageExcess;
+        ch.style.display = old;
+        if (shrinks) { found = ch; break; }
+      }
+      if (!found) break;
+      culprit = label(found);
+      node = found;
+    }
+    problems.push({kind: 'page', problem: 'the page scrolls sideways', excess: pageExcess, element: culprit});
+  }
   const searches = [...document.querySelectorAll('button.search-button-field, button.search-button')]
     .filter((b) => b.getClientRects().length && getComputedStyle(b).visibility !== 'hidden');
   const header = document.querySelector('#pst-header');
@@ -349,6 +366,10 @@ def _chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory) -> Path:
+    """The book built from this tree into a temporary folder (notebooks are not executed: _config.yml's
+    execute_notebooks is "off"). ``BOOK_LAYOUT_HTML=<folder>`` checks an existing build instead."""
+    if os.environ.get("BOOK_LAYOUT_HTML"):
+        return Path(os.environ["BOOK_LAYOUT_HTML"])
     out = tmp_path_factory.mktemp("book")
     jb = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(REPO), "--path-output", str(out)]
@@ -358,10 +379,12 @@ def built_book(tmp_path_factory) -> Path:
 
 
 def _pages(html: Path) -> list[Path]:
+    """The book's pages (not the index, search or redirect pages)."""
     skip = {"genindex.html", "search.html", "py-modindex.html"}
     return sorted(
         p for p in html.rglob("*.html")
         if p.name not in skip and not {"_static", "_sources", "_images"} & set(p.relative_to(html).parts)
+        and 'http-equiv="Refresh"' not in p.read_text(encoding="utf-8")[:2000]
     )
 
 
@@ -381,7 +404,8 @@ def test_built_pages_cut_nothing(built_book: Path) -> None:
                 page = browser.new_page(viewport={"width": width, "height": 900})
                 for html in pages:
                     name = html.relative_to(built_book).as_posix()
-                    page.goto(html.as_uri())
+                    # a busy machine can take long to load a page with figures: generous timeouts
+                    page.goto(html.as_uri(), wait_until="load", timeout=180_000)
                     page.evaluate("() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
                     result = page.evaluate(CHECK_JS)
                     for p in result["problems"]:
