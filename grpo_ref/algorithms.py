@@ -11,33 +11,29 @@ Mapping of the fields to TRL 1.16.0 (``GRPOConfig``) and verl 0.9.1 (``actor_rol
 ``VERL_FIELDS`` tables list every loss-relevant field, each checked against the framework's own code by
 ``tests/test_conformance_trl.py`` and ``tests/test_conformance_verl.py``:
 
-=====================  =============================================  ==============================================
-field                  TRL                                            verl
-=====================  =============================================  ==============================================
-group_size             ``num_generations``                            ``rollout.n``
-adv_estimator          ``grpo`` only                                  ``algorithm.adv_estimator``
-adv_scale              ``scale_rewards`` (group/batch/none)           ``norm_adv_by_std_in_grpo`` (no batch scale)
-adv_eps                1e-4 (fixed)                                   1e-6 (fixed)
-eps_low / eps_high     ``epsilon`` / ``epsilon_high``                 ``clip_ratio_low`` / ``clip_ratio_high``
-dual_clip              ``delta`` if ``delta >= 1 + epsilon_high``     ``clip_ratio_c`` (on by default: 3.0)
-ratio_level            ``importance_sampling_level``                  ``policy_loss.loss_mode="gspo"``
-pg_objective           ``loss_type`` cispo / sapo                     ``policy_loss.loss_mode`` cispo / sapo
-loss_agg_mode          ``loss_type`` grpo/bnpo/dr_grpo/dapo/luspo     ``loss_agg_mode`` (+ ``token-sum``)
-global_token_norm      ``loss_type`` dapo / cispo (TRL's default)     global batch token count
-norm_length            ``max_completion_length`` (dr_grpo)            ``loss_scale_factor``
-kl_coef                ``beta`` (default 0)                           ``kl_loss_coef`` / ``kl_ctrl.kl_coef``
-kl_estimator           k3, no clamp                                   ``kl_loss_type`` / ``kl_penalty``
-kl_ratio_weighted      ``use_bias_correction_kl`` (default True)      (none)
-kl_placement           loss (fixed)                                   ``use_kl_loss`` / ``use_kl_in_reward``
-gamma / lam            (none)                                         ``algorithm.gamma`` / ``algorithm.lam``
-vf_coef / value_clip   (no critic)                                    critic optimiser / ``critic.cliprange_value``
-ent_coef               ``entropy_coef``                               ``entropy_coeff``
-ent_agg_mode           token-mean (fixed)                             ``loss_agg_mode``
-sapo_tau_pos / neg     ``sapo_temperature_pos`` / ``_neg``            ``tau_pos`` / ``tau_neg``
-unscorable             zero_advantage (every reward function None)    (none)
-overlong_buffer        (a reward function)                            ``reward_model.overlong_buffer.len``
-filter_groups          (none)                                         ``algorithm.filter_groups.enable``
-=====================  =============================================  ==============================================
+* ``group_size``: TRL ``num_generations``; verl ``rollout.n``
+* ``adv_estimator``: TRL ``grpo`` only; verl ``algorithm.adv_estimator``
+* ``adv_scale``: TRL ``scale_rewards`` (group/batch/none); verl ``norm_adv_by_std_in_grpo`` (no batch scale)
+* ``adv_eps``: TRL 1e-4 (fixed); verl 1e-6 (fixed)
+* ``eps_low`` / ``eps_high``: TRL ``epsilon`` / ``epsilon_high``; verl ``clip_ratio_low`` / ``clip_ratio_high``
+* ``dual_clip``: TRL ``delta`` if ``delta >= 1 + epsilon_high``; verl ``clip_ratio_c`` (on by default: 3.0)
+* ``ratio_level``: TRL ``importance_sampling_level``; verl ``policy_loss.loss_mode="gspo"``
+* ``pg_objective``: TRL ``loss_type`` cispo / sapo; verl ``policy_loss.loss_mode`` cispo / sapo
+* ``loss_agg_mode``: TRL ``loss_type`` grpo/bnpo/dr_grpo/dapo/luspo; verl ``loss_agg_mode`` (+ ``token-sum``)
+* ``global_token_norm``: TRL ``loss_type`` dapo / cispo (TRL's default); verl global batch token count
+* ``norm_length``: TRL ``max_completion_length`` (dr_grpo); verl ``loss_scale_factor``
+* ``kl_coef``: TRL ``beta`` (default 0); verl ``kl_loss_coef`` / ``kl_ctrl.kl_coef``
+* ``kl_estimator``: TRL k3, no clamp; verl ``kl_loss_type`` / ``kl_penalty``
+* ``kl_ratio_weighted``: TRL ``use_bias_correction_kl`` (default True); verl (none)
+* ``kl_placement``: TRL loss (fixed); verl ``use_kl_loss`` / ``use_kl_in_reward``
+* ``gamma`` / ``lam``: TRL (none); verl ``algorithm.gamma`` / ``algorithm.lam``
+* ``vf_coef`` / ``value_clip``: TRL (no critic); verl critic optimiser / ``critic.cliprange_value``
+* ``ent_coef``: TRL ``entropy_coef``; verl ``entropy_coeff``
+* ``ent_agg_mode``: TRL token-mean (fixed); verl ``loss_agg_mode``
+* ``sapo_tau_pos`` / ``sapo_tau_neg``: TRL ``sapo_temperature_pos`` / ``_neg``; verl ``tau_pos`` / ``tau_neg``
+* ``unscorable``: TRL zero_advantage (every reward function None); verl (none)
+* ``overlong_buffer``: TRL (a reward function); verl ``reward_model.overlong_buffer.len``
+* ``filter_groups``: TRL (none); verl ``algorithm.filter_groups.enable``
 
 Where "the same" needs a qualification: TRL's k3 has no clamp and grpo_ref's clamps ``ref - lp`` at +-20; verl's
 ``k3`` / ``low_var_kl`` also clamps the value to [-10, 10] (grpo_ref's ``kl_estimator="low_var_kl"``); a TRL

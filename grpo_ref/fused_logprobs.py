@@ -17,7 +17,7 @@ Equations (``tau`` the temperature, ``z' = z / tau``, ``p = softmax(z')``, ``lse
 ``log p = z' - lse``, ``y`` the chosen token, ``g`` the incoming gradient of each output)::
 
     log pi(y)            = z'_y - lse
-    H                    = -sum_v p_v log p_v               (p_v = 0 contributes 0: masked, -inf logits)
+    H                    = -sum_v p_v log p_v     (p_v = 0 adds 0: masked, -inf logits)
     d log pi(y) / d z_v  = (1[v = y] - p_v) / tau
     d H / d z_v          = -p_v (log p_v + H) / tau
     d/dh = (dL/dz) W,    d/dW = (dL/dz)^T h,    d/db = sum_rows dL/dz
