@@ -46,13 +46,13 @@ G, PROMPTS, UPDATES = 4, 64, 8  # completions per prompt, prompts per rollout, o
 WARMUP_ROLLOUTS = 20  # TrainConfig.warmup_steps: the learning-rate warm-up, in rollouts
 
 
-def warm_policy(path: str, seed: int = 0):
+def warm_policy(path: str, seed: int = 0, max_steps: int = 3000):
     """The SFT warm start every arm begins from (saved once, loaded by each worker)."""
     from grpo_ref.sft import warm_start_policy
     from grpo_ref.tasks import AdditionTask
 
     task = AdditionTask(n_digits=2, eval_size=256, seed=0)
-    policy = warm_start_policy(task, target_accuracy=0.2, seed=seed)
+    policy = warm_start_policy(task, target_accuracy=0.2, steps=max_steps, seed=seed)
     torch.save({"config": policy.config.to_dict(), "state": policy.state_dict()}, path)
 
 
@@ -105,12 +105,12 @@ def hf_tokenizer(task):
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
-def run_grpo_ref(warm: str, rollouts: int, source: str) -> dict:
+def run_grpo_ref(warm: str, rollouts: int, source: str, prompts: int = PROMPTS) -> dict:
     from grpo_ref.tasks import AdditionTask
     from grpo_ref.trainer import Trainer, TrainConfig
 
     task = AdditionTask(n_digits=2, eval_size=256, seed=0)
-    cfg = TrainConfig(algo="grpo", group_size=G, prompts_per_step=PROMPTS, ppo_epochs=2, minibatches=UPDATES // 2,
+    cfg = TrainConfig(algo="grpo", group_size=G, prompts_per_step=prompts, ppo_epochs=2, minibatches=UPDATES // 2,
                       warmup_steps=WARMUP_ROLLOUTS, eval_every=0, old_logp_source=source, seed=0)
     trainer = Trainer(load_tiny(warm), task, cfg)
     times, rewards = [], []
@@ -122,7 +122,7 @@ def run_grpo_ref(warm: str, rollouts: int, source: str) -> dict:
     return {"cycle_s": times[1:], "reward": rewards[1:]}
 
 
-def run_trl(warm: str, rollouts: int) -> dict:
+def run_trl(warm: str, rollouts: int, prompts: int = PROMPTS) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -141,7 +141,7 @@ def run_trl(warm: str, rollouts: int) -> dict:
     tokenizer = hf_tokenizer(task)
     assert tokenizer("<bos>07+35=")["input_ids"] == ids[0].tolist(), "the HF tokenizer disagrees with the task's"
 
-    pairs = task.sample_train(PROMPTS * (rollouts + 2), torch.Generator().manual_seed(0)).tolist()
+    pairs = task.sample_train(prompts * (rollouts + 2), torch.Generator().manual_seed(0)).tolist()
     data = Dataset.from_dict({"prompt": ["<bos>" + task.prompt_text(a, b) for a, b in pairs],
                               "a": [a for a, _ in pairs], "b": [b for _, b in pairs]})
 
@@ -163,7 +163,7 @@ def run_trl(warm: str, rollouts: int) -> dict:
         hf.save_pretrained(tmp + "/model")
         tokenizer.save_pretrained(tmp + "/model")
         trl_fields = to_trl(get_preset("grpo", group_size=G), train=dict(
-            prompts_per_step=PROMPTS, ppo_epochs=2, minibatches=UPDATES // 2, max_new_tokens=task.max_new_tokens,
+            prompts_per_step=prompts, ppo_epochs=2, minibatches=UPDATES // 2, max_new_tokens=task.max_new_tokens,
             temperature=1.0, lr=3e-4, weight_decay=0.0))
         args = GRPOConfig(
             output_dir=tmp + "/out", use_cpu=True, bf16=False, report_to=[], seed=0, disable_tqdm=True,
@@ -181,9 +181,10 @@ def run_trl(warm: str, rollouts: int) -> dict:
     return {"cycle_s": cycles[1:], "reward": rewards[1:], "trl_fields": {k: str(v) for k, v in trl_fields.items()}}
 
 
-def worker(arm: str, warm: str, rollouts: int, threads: int) -> None:
+def worker(arm: str, warm: str, rollouts: int, threads: int, prompts: int) -> None:
     torch.set_num_threads(threads)
-    out = run_trl(warm, rollouts) if arm == "trl" else run_grpo_ref(warm, rollouts, "sampler" if arm == "grpo_ref_sampler" else "recompute")
+    source = "sampler" if arm == "grpo_ref_sampler" else "recompute"
+    out = run_trl(warm, rollouts, prompts) if arm == "trl" else run_grpo_ref(warm, rollouts, source, prompts)
     print("RESULT " + json.dumps(out))
 
 
@@ -195,12 +196,14 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=5, help="alternations of the three arms")
     ap.add_argument("--rollouts", type=int, default=8, help="timed rollout cycles per run (after one warm-up cycle)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per rollout (smaller: the smoke test)")
+    ap.add_argument("--warm-max-steps", type=int, default=3000, help="SFT steps of the warm start at most (smoke test: few)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "loop_vs_trl.txt"))
     ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     ap.add_argument("--warm", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.warm, args.rollouts, args.threads)
+        return worker(args.worker, args.warm, args.rollouts, args.threads, args.prompts)
 
     import transformers
     import trl
@@ -213,25 +216,25 @@ def main(argv=None) -> None:
         lines.append(line)
 
     log(f"grpo_ref Trainer vs TRL {trl.__version__} GRPOTrainer (transformers {transformers.__version__}), same model and objective: "
-        f"TinyGPT 2x128 / its GPT-2 copy, G={G} x {PROMPTS} prompts, 4 new tokens, beta 0.04, {UPDATES} optimizer steps per rollout")
+        f"TinyGPT 2x128 / its GPT-2 copy, G={G} x {args.prompts} prompts, 4 new tokens, beta 0.04, {UPDATES} optimizer steps per rollout")
     log(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}; "
         f"{args.rollouts} timed rollout cycles per run, {args.pairs} alternations")
     rates: dict = {a: [] for a in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
         warm = os.path.join(tmp, "warm.pt")
         torch.set_num_threads(args.threads)
-        warm_policy(warm)
+        warm_policy(warm, max_steps=args.warm_max_steps)
         for k in range(args.pairs):
             for arm in ARMS:
                 load = os.getloadavg()[0]
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", arm, "--warm", warm,
-                       "--rollouts", str(args.rollouts), "--threads", str(args.threads)]
+                       "--rollouts", str(args.rollouts), "--threads", str(args.threads), "--prompts", str(args.prompts)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
                                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
                 if proc.returncode != 0:
                     raise SystemExit(f"{arm} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
                 res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
-                rate = G * PROMPTS * len(res["cycle_s"]) / sum(res["cycle_s"])
+                rate = G * args.prompts * len(res["cycle_s"]) / sum(res["cycle_s"])
                 rates[arm].append(rate)
                 log(f"run {k + 1} {arm:16s} load {load:4.2f}: {rate:6.1f} completions/s "
                     f"({statistics.median(res['cycle_s']):.3f} s per rollout + {UPDATES} updates, median), "

@@ -9,6 +9,7 @@ Nothing is timed. Marked ``slow`` (each test trains a tiny model for a few steps
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,16 @@ def test_logprobs_speed_benchmark_smoke_run():
         assert method in printed
     committed_text = (BENCH / "results" / "logprobs_speed.txt").read_text()
     assert "x naive" in printed and "x naive" in committed_text
+
+
+def test_loop_vs_trl_smoke_run_prints_what_the_performance_page_reads(tmp_path):
+    """One alternation of one timed rollout on 8 prompts: every arm runs (TRL's GRPOTrainer on the GPT-2 copy, whose
+    logits the script checks against the TinyGPT's) and the printed medians have the committed file's format."""
+    pytest.importorskip("trl")
+    out = tmp_path / "loop.txt"
+    printed = run_script("loop_vs_trl.py", "--pairs", "1", "--rollouts", "1", "--prompts", "8", "--warm-max-steps", "5",
+                         "--out", str(out))
+    median = re.compile(r"^(\S+)\s+median\s+[\d.]+ completions/s\s+\([\d.]+x TRL\)", re.M)
+    arms = median.findall(printed)
+    assert arms == ["trl", "grpo_ref", "grpo_ref_sampler"] and out.read_text().strip() == printed.strip()
+    assert median.findall((BENCH / "results" / "loop_vs_trl.txt").read_text()) == arms
