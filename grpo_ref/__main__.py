@@ -157,7 +157,8 @@ RUN_OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
     "n_layer": (int, 2, "transformer layers of the TinyGPT policy"),
     "n_embd": (int, 128, "embedding width of the TinyGPT policy"),
     "threads": (int, 1, "torch.set_num_threads; 1 by default: on the default model a training step took 0.74 s at "
-                "1 thread and 3.0 s at 2 (2 cores, load average 3.5; benchmarks/threads.py, results/threads.txt)"),
+                "1 thread and 3.0 s at 2 with the other core busy (load 3.5), 0.86 s and 0.72 s on an idle machine "
+                "(benchmarks/threads.py; results/threads.txt, threads_idle.txt)"),
     "checkpoint_every": (int, 50, "steps between checkpoints (0: only at the end)"),
     "stop_at": (Optional[float], None, "stop at the first evaluation reaching this accuracy (null: run all steps)"),
     "report_to": (str, "none", "also log the scalars of metrics.jsonl to: none, or tensorboard (OUT/tensorboard/; "
