@@ -88,9 +88,10 @@ def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequ
     present = [(k, label) for k, label in panels if series(run, k)[0]]
     if not present:
         raise ValueError("the run has none of the metrics to plot")
-    cols = min(4, len(present))
+    # two columns, 7.2 in wide: drawn for a page's text column (and a phone), so labels are not shrunk to a few pixels
+    cols = min(2, len(present))
     rows = (len(present) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.5 * rows), squeeze=False)
     for ax, (key, label) in zip(axes.flat, present, strict=False):
         xs, ys = series(run, key, x)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
