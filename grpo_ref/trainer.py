@@ -167,8 +167,8 @@ class TrainConfig:
     It is the same quantity, not an approximation, because here the sampler *is* the policy: the same weights (no update
     happens between sampling and the loss's first minibatch), in eval mode (no dropout), at the same temperature,
     over the full vocabulary (also under ``top_k``/``top_p``/``min_p``); the two differ only by float rounding (the KV
-    cache's incremental attention against one full pass, about 1e-7 here: ``sampler_logp_gap`` in
-    tests/test_trainer_critic.py). It does *not* hold when another engine samples (vLLM in TRL's and verl's
+    cache's incremental attention against one full pass; tests/test_trainer_critic.py asserts a ``sampler_logp_gap``
+    below 1e-5 and the same update either way). It does *not* hold when another engine samples (vLLM in TRL's and verl's
     ``use_vllm`` set-ups: other kernels, often another precision), which is why those frameworks recompute.
 
     PPO's critic (``algo="ppo"``; ignored by the critic-free presets):
@@ -930,8 +930,8 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with torch's fused kernel where every parameter allows it (floating point, on the CPU or a
     CUDA device), else the default implementation. The same update rule (Loshchilov & Hutter 2019) up to float
     rounding; the fused one is what TRL 1.16.0 trains with (transformers 5.x ``TrainingArguments.optim`` defaults
-    to ``adamw_torch_fused``), and on the CPU it is ~5x faster here on the 2x128 TinyGPT (1.8 ms vs 9.3 ms per
-    step, 1 thread), which is ~10% of a training step (benchmarks/loop_vs_trl.py)."""
+    to ``adamw_torch_fused``). On the CPU the default implementation loops over the parameter tensors in Python;
+    the fused one updates them in one call."""
     params = [p for p in params]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
