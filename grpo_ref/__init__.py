@@ -37,9 +37,10 @@ from .fused_logprobs import (
     token_logprobs_from_hidden,
 )
 # isort: on
+# From here on, with the loss modules, the training loop (chapter 3): model, rollout, sft, tasks (chain_task: the
+# free-length task), trainer.
+from .chain_task import ChainSumTask
 from .masks import masked_mean, masked_sum, masked_var, masked_whiten, response_mask
-
-# From here on, with the loss modules, the training loop (chapter 3): model, rollout, sft, tasks, trainer.
 from .model import GPTConfig, TinyGPT, ValueModel, lm_logits, tiny_gpt
 from .ppo import entropy_bonus, kl_in_reward, value_loss
 from .rollout import Rollout, evaluate, generate, rollout
@@ -57,6 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditionTask",
     "AlgoConfig",
+    "ChainSumTask",
     "CharTokenizer",
     "GPTConfig",
     "KL_ESTIMATORS",
