@@ -118,6 +118,20 @@ def test_the_book_job_runs_the_readme_book_command_and_deploys_the_html_to_pages
     assert flow["permissions"] == {"contents": "read"}
 
 
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+@pytest.mark.parametrize("workflow,job,step", [("tests.yml", "cpu", "README test command"),
+                                               ("book.yml", "build", "README book command")])
+def test_hosted_jobs_install_the_cpu_build_of_torch(workflow, job, step):
+    """On a GitHub-hosted runner (no GPU) the pinned torch comes from PyTorch's CPU index, which pip prefers for
+    the same version (2.13.0+cpu ranks above 2.13.0); from PyPI alone it would be the CUDA build."""
+    env = _step(_workflow(workflow)["jobs"][job], step).get("env", {})
+    assert env.get("PIP_EXTRA_INDEX_URL") == CPU_TORCH_INDEX
+    pinned = [ln for ln in (ROOT / "requirements.txt").read_text().splitlines() if ln.startswith("torch==")]
+    assert pinned == ["torch==2.13.0"], "the pin and this index go together: check the CPU index has that version"
+
+
 def test_the_readme_commands_are_those_ci_run_finds():
     """.ci/run (the project's CI) greps the README with these patterns: the workflows and CI run the same lines."""
     run = (ROOT / ".ci" / "run").read_text()
