@@ -595,7 +595,9 @@ class Trainer:
         to ``self.history``), all floats:
 
         * rollout: ``reward_mean``, ``reward_std``, ``train_accuracy`` (sampled at ``temperature``),
-          ``response_length``, ``truncated_frac``, ``samples`` (completions sampled, DAPO refills included),
+          ``response_length``, ``response_length_correct`` / ``response_length_incorrect`` (means over the right /
+          wrong completions; a key is absent from a step that sampled none of that kind), ``truncated_frac``,
+          ``samples`` (completions sampled, DAPO refills included),
           ``groups_with_signal`` (share of groups with unequal rewards), ``batch_size``;
         * policy (means over the updates): ``loss``, ``pg_loss``, ``clip_frac_low``, ``clip_frac_high``,
           ``approx_kl`` (to ``pi_old``), ``kl_ref`` (the preset's estimator, to ``pi_ref``), ``entropy``,
@@ -712,6 +714,10 @@ class Trainer:
             groups_with_signal=signal_frac,
             batch_size=float(b),
         )
+        lengths = m.sum(-1)
+        for name, rows in (("response_length_correct", batch.correct), ("response_length_incorrect", ~batch.correct)):
+            if bool(rows.any()):
+                metrics[name] = float(lengths[rows].mean())
         if not from_sampler:  # with old_logp_source="sampler" the gap is 0 by construction
             metrics["sampler_logp_gap"] = float(masked_mean((old_logp - batch.sample_logp).abs(), mask))
         if critic_norms:

@@ -249,3 +249,38 @@ def test_trainer_steps_and_resumes_on_the_chain_task(algo, tmp_path):
     assert again.step_count == 2
     with pytest.raises(ValueError, match="another task"):
         Trainer(policy, ChainSumTask(eval_size=16, chain_fraction=0.1), cfg).load(str(tmp_path / "c.pt"))
+
+
+def test_step_reports_the_lengths_of_right_and_wrong_responses_separately():
+    """``response_length_correct`` / ``_incorrect``: the mean response length over the step's right / wrong rows
+    (recomputed here from the very batch the step trained on); a kind with no row has no key."""
+    task = ChainSumTask(eval_size=16)
+    policy = tiny_gpt(GPTConfig(vocab_size=task.vocab_size, block_size=task.max_prompt_len + task.max_new_tokens,
+                                n_layer=1, n_head=2, n_embd=32), seed=0)
+    trainer = Trainer(policy, task, TrainConfig(algo="grpo", prompts_per_step=8, steps=1, eval_every=100, seed=0))
+    seen = []
+    sample = trainer._sample_batch
+
+    def spy():
+        out = sample()
+        seen.append(out[0])
+        return out
+
+    trainer._sample_batch = spy
+    # force a mix of right and wrong rows: the first half of the batch is scored right
+    score = task.score
+
+    def half_right(problems, responses):
+        rewards, correct = score(problems, responses)
+        correct = torch.arange(len(correct)) < len(correct) // 2
+        return rewards, correct
+
+    task.score = half_right
+    m = trainer.step()
+    batch = seen[-1]
+    lengths = batch.response_mask.sum(-1).float()
+    assert m["response_length_correct"] == pytest.approx(float(lengths[batch.correct].mean()))
+    assert m["response_length_incorrect"] == pytest.approx(float(lengths[~batch.correct].mean()))
+    task.score = lambda problems, responses: (score(problems, responses)[0], torch.zeros(len(problems), dtype=torch.bool))
+    m = trainer.step()
+    assert "response_length_correct" not in m and "response_length_incorrect" in m

@@ -33,6 +33,15 @@ class ConstantRewardTask(AdditionTask):
         return torch.zeros_like(rewards), torch.zeros_like(correct)
 
 
+class AllRightTask(AdditionTask):
+    """Every completion is scored right (an untrained policy gets none right, and a step then logs no
+    ``response_length_correct``)."""
+
+    def score(self, pairs, responses):
+        rewards, correct = super().score(pairs, responses)
+        return rewards, torch.ones_like(correct)
+
+
 def _step_keys(algo: str, task: AdditionTask) -> set:
     cfg = GPTConfig(vocab_size=task.vocab_size, block_size=task.max_prompt_len + task.max_new_tokens,
                     n_layer=1, n_head=2, n_embd=32)
@@ -47,6 +56,7 @@ def logged_keys() -> dict:
     task = AdditionTask(n_digits=2, eval_size=16)
     keys = {algo: _step_keys(algo, task) for algo in ("grpo", "ppo")}
     keys["dapo_skipped"] = _step_keys("dapo", ConstantRewardTask(n_digits=2, eval_size=16))
+    keys["all_right"] = _step_keys("grpo", AllRightTask(n_digits=2, eval_size=16))
     return keys
 
 
@@ -62,6 +72,7 @@ def defined_terms(text: str) -> set:
 
 def test_the_skip_path_was_exercised(logged_keys):
     assert "skipped" in logged_keys["dapo_skipped"]
+    assert "response_length_correct" in logged_keys["all_right"] and "response_length_incorrect" in logged_keys["grpo"]
     assert "vf_loss" in logged_keys["ppo"] and "vf_loss" not in logged_keys["grpo"]
 
 
