@@ -96,3 +96,33 @@ def test_loop_vs_trl_smoke_run_prints_what_the_performance_page_reads(tmp_path):
     arms = median.findall(printed)
     assert arms == ["trl", "grpo_ref", "grpo_ref_sampler"] and out.read_text().strip() == printed.strip()
     assert median.findall((BENCH / "results" / "loop_vs_trl.txt").read_text()) == arms
+
+
+def test_variants_smoke_run_and_merge(tmp_path):
+    """Two shards of benchmarks/variants.py (a preset, and an ablation overriding an AlgoConfig field and a
+    TrainConfig field), merged: every run has its per-step history, the override reached the trainer, and the
+    merge keeps every run."""
+    common = ["--steps", "2", "--prompts", "4", "--seeds", "0", "--warm-max-steps", "5", "--eval-every", "1"]
+    run_script("variants.py", "--specs", "grpo", *common, "--out", str(tmp_path / "a.txt"), "--json",
+               str(tmp_path / "a.json"))
+    run_script("variants.py", "--specs", "dapo:eps_high=0.2,ppo_epochs=1", *common, "--out", str(tmp_path / "b.txt"),
+               "--json", str(tmp_path / "b.json"))
+    run_script("variants.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
+               str(tmp_path / "m.txt"), "--json", str(tmp_path / "m.json"))
+    runs = json.loads((tmp_path / "m.json").read_text())
+    assert [r["spec"] for r in runs] == ["grpo", "dapo:eps_high=0.2,ppo_epochs=1"]
+    assert runs[1]["algo_config"]["eps_high"] == 0.2 and runs[1]["train_config"]["ppo_epochs"] == 1
+    assert runs[0]["algo_config"]["name"] == "grpo" and runs[1]["algo_config"]["name"] == "dapo"
+    for r in runs:
+        assert [h["step"] for h in r["history"]] == [0, 1, 2]
+        assert all("eval_accuracy" in h for h in r["history"])
+        assert all({"response_length", "entropy", "clip_frac_high", "kl_to_ref"} <= set(h) for h in r["history"][1:])
+    sys.path.insert(0, str(BENCH))
+    try:
+        from variants import parse_spec
+    finally:
+        sys.path.remove(str(BENCH))
+    train, algo = parse_spec("dapo:eps_high=0.2,ppo_epochs=1")
+    assert train == {"algo": "dapo", "ppo_epochs": 1, "algo_overrides": {"eps_high": 0.2}} and algo == {"eps_high": 0.2}
+    with pytest.raises(SystemExit, match="nope"):
+        parse_spec("grpo:nope=1")
