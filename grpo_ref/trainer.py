@@ -171,6 +171,15 @@ class TrainConfig:
     below 1e-5 and the same update either way). It does *not* hold when another engine samples (vLLM in TRL's and verl's
     ``use_vllm`` set-ups: other kernels, often another precision), which is why those frameworks recompute.
 
+    ``minibatch_order``: how each epoch splits the batch into ``minibatches``. ``"rows"`` (default) shuffles the rows,
+    as TRL 1.16.0 does (``shuffle_sequence_dict`` on the generation batch, then ``split_tensor_dict`` into
+    ``steps_per_generation`` parts), so a group's ``G`` completions usually land in different minibatches.
+    ``"groups"`` shuffles the order of whole groups and keeps each group's rows together (every minibatch holds whole
+    groups when the number of groups divides by ``minibatches``). The objective, the advantages and the expected
+    update are the same; the minibatches differ, and with ``share_prompts`` a minibatch of whole groups holds
+    ``G`` times fewer distinct prompts, so each pass over it costs less (``benchmarks/loop_vs_trl.py``). verl 0.9.1's
+    actor does not shuffle at all by default (``actor.shuffle: false``).
+
     PPO's critic (``algo="ppo"``; ignored by the critic-free presets):
 
     * ``critic="separate"`` (default), PPO-RLHF's layout (Ouyang et al. 2022; TRL's ``PPOTrainer``, OpenRLHF, verl's
@@ -216,6 +225,7 @@ class TrainConfig:
     critic: str = "separate"  # PPO's critic: "separate" (its own transformer) or "shared" (a head on the policy trunk)
     critic_layers: int = 0  # separate critic: keep only the first k blocks of the policy copy (0: all of them)
     share_prompts: bool = True  # TinyGPT: each distinct prompt through the model once per pass (exact; response_hidden)
+    minibatch_order: str = "rows"  # minibatches of shuffled rows (TRL) or of shuffled whole groups ("groups")
 
     def __post_init__(self) -> None:
         for name, hint in typing.get_type_hints(TrainConfig).items():
@@ -265,6 +275,8 @@ class TrainConfig:
                 raise ValueError(f"invalid TrainConfig.{name} = {getattr(self, name)!r}")
         if self.old_logp_source not in OLD_LOGP_SOURCES:
             raise ValueError(f"unknown TrainConfig.old_logp_source {self.old_logp_source!r}; expected one of {OLD_LOGP_SOURCES}")
+        if self.minibatch_order not in MINIBATCH_ORDERS:
+            raise ValueError(f"unknown TrainConfig.minibatch_order {self.minibatch_order!r}; expected one of {MINIBATCH_ORDERS}")
         if self.critic not in CRITIC_MODES:
             raise ValueError(f"unknown TrainConfig.critic {self.critic!r}; expected one of {CRITIC_MODES}")
         if self.critic_layers < 0:
@@ -298,6 +310,7 @@ class TrainConfig:
 
 LOGPROB_PATHS = ("auto", "fused", "logits")
 OLD_LOGP_SOURCES = ("recompute", "sampler")
+MINIBATCH_ORDERS = ("rows", "groups")
 CRITIC_MODES = ("separate", "shared")
 
 
@@ -666,7 +679,7 @@ class Trainer:
         sums: Dict[str, float] = {}
         grad_norms, critic_norms = [], []
         for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(b, generator=self.prompt_generator).to(self.device)
+            perm = minibatch_permutation(b, cfg.group_size, cfg.minibatch_order, self.prompt_generator).to(self.device)
             for k, rows in enumerate(perm.chunk(n_mb)):
                 mb = batch.select(rows)
                 where = self._where = f" (epoch {epoch}, minibatch {k})"
@@ -941,6 +954,17 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     params = [p for p in params]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def minibatch_permutation(batch_size: int, group_size: int, order: str, generator: torch.Generator) -> torch.Tensor:
+    """``[batch_size]`` row order of one epoch, to be cut into minibatches with ``chunk``. ``order="rows"``: a uniform
+    permutation of the rows. ``order="groups"``: a uniform permutation of the groups (rows ``g*G .. g*G+G-1``), each
+    group's rows kept together in their order (a batch that is not whole groups falls back to rows). Both draw from
+    ``generator``."""
+    if order == "rows" or batch_size % group_size:
+        return torch.randperm(batch_size, generator=generator)
+    groups = torch.randperm(batch_size // group_size, generator=generator)
+    return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
 
 
 def global_token_normaliser(mask: torch.Tensor, n_minibatches: int) -> float:
