@@ -110,7 +110,7 @@ class ChainSumTask:
             problems[clash] = self._draw(int(clash.sum()), generator)
 
     def eval_pairs(self) -> torch.Tensor:
-        """``[eval_size, max_terms]`` the fixed eval split (named as :meth:`AdditionTask.eval_pairs`, which the
+        """``[eval_size, max_terms]`` the fixed eval split (named as :meth:`~grpo_ref.tasks.AdditionTask.eval_pairs`, which the
         trainer calls)."""
         weights = 11 ** torch.arange(self.max_terms, dtype=torch.long)
         return (self._eval_ids[:, None] // weights % 11) - 1
@@ -243,7 +243,7 @@ class ChainSumTask:
 
     # -- supervised data -------------------------------------------------------------------------------------------
     def supervised_batch(self, problems: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt + target + EOS for teacher forcing (see :meth:`AdditionTask.supervised_batch`): ``(input_ids
+        """Prompt + target + EOS for teacher forcing (see :meth:`~grpo_ref.tasks.AdditionTask.supervised_batch`): ``(input_ids
         [N, T], attention_mask [N, T], loss_mask [N, T])``, the target chosen by :meth:`uses_chain`."""
         problems = self._check_problems(problems)
         prompts, pmask = self.encode_prompts(problems)

@@ -94,7 +94,7 @@ def test_loop_vs_trl_smoke_run_prints_what_the_performance_page_reads(tmp_path):
                          "--out", str(out))
     median = re.compile(r"^(\S+)\s+median\s+[\d.]+ completions/s\s+\([\d.]+x TRL\)", re.M)
     arms = median.findall(printed)
-    assert arms == ["trl", "grpo_ref", "grpo_ref_sampler"] and out.read_text().strip() == printed.strip()
+    assert arms == ["trl", "grpo_ref", "grpo_ref_sampler", "grpo_ref_groups"] and out.read_text().strip() == printed.strip()
     assert median.findall((BENCH / "results" / "loop_vs_trl.txt").read_text()) == arms
 
 
