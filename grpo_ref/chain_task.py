@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ._checks import check_dim, check_ids, check_int, check_real, check_tensor
-from .tasks import CharTokenizer, parse_answer
+from .tasks import CharTokenizer, pad_rows, parse_answer, teacher_forcing_batch
 
 PAD = -1  # problems are right-padded with this value where a problem has fewer than max_terms terms
 
@@ -144,13 +144,7 @@ class ChainSumTask:
         """Left-padded prompts ``(input_ids [N, P], attention_mask [N, P])``, each row ``BOS d1 + d2 + ... =``."""
         problems = self._check_problems(problems)
         rows = [[self.tokenizer.bos_id] + self.tokenizer.encode(self.prompt_text(p)) for p in problems.tolist()]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        return ids, mask
+        return pad_rows(rows, self.tokenizer.pad_id, left=True)
 
     # -- responses -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -249,14 +243,7 @@ class ChainSumTask:
         prompts, pmask = self.encode_prompts(problems)
         chain = self.uses_chain(problems).tolist()
         targets = [self.answer_ids(p, c) for p, c in zip(problems.tolist(), chain, strict=True)]
-        width = max(len(r) for r in targets)
-        resp = torch.full((len(targets), width), self.tokenizer.pad_id, dtype=torch.long)
-        rmask = torch.zeros((len(targets), width), dtype=torch.long)
-        for i, r in enumerate(targets):
-            resp[i, : len(r)] = torch.tensor(r)
-            rmask[i, : len(r)] = 1
-        return (torch.cat([prompts, resp], 1), torch.cat([pmask, rmask], 1),
-                torch.cat([torch.zeros_like(pmask), rmask], 1))
+        return teacher_forcing_batch(prompts, pmask, targets, self.tokenizer.pad_id)
 
 
 __all__ = ["ChainSumTask", "PAD"]

@@ -57,6 +57,28 @@ class CharTokenizer:
         return "".join(out)
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [N, W], mask [N, W])`` int64 of ``N >= 1`` token lists padded with ``pad_id`` to the longest, ``W``:
+    on the left (prompts, so that every row ends where generation starts) or on the right (responses)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def teacher_forcing_batch(prompts: torch.Tensor, prompt_mask: torch.Tensor, targets: Sequence[Sequence[int]],
+                          pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``prompts [N, P]`` (with their mask) followed by the right-padded ``targets``: ``(input_ids,
+    attention_mask, loss_mask)``, each ``[N, P + W]``; ``loss_mask`` is 1 on the target tokens only."""
+    resp, rmask = pad_rows(targets, pad_id, left=False)
+    return (torch.cat([prompts, resp], dim=1), torch.cat([prompt_mask, rmask], dim=1),
+            torch.cat([torch.zeros_like(prompt_mask), rmask], dim=1))
+
+
 def parse_answer(text: str, max_digits: int) -> Optional[int]:
     """The integer written in ``text`` if it is a canonical decimal of at most ``max_digits`` digits, else None.
 
@@ -177,13 +199,7 @@ class AdditionTask:
         ``pairs``: ``[N, 2]`` integer operands in ``[0, 10**n_digits)``, ``N >= 1`` (``ValueError`` otherwise)."""
         pairs = self._check_pairs(pairs)
         rows = [[self.tokenizer.bos_id] + self.tokenizer.encode(self.prompt_text(int(a), int(b))) for a, b in pairs.tolist()]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        return ids, mask
+        return pad_rows(rows, self.tokenizer.pad_id, left=True)
 
     def answer_ids(self, a: int, b: int) -> List[int]:
         """The target response: digits of ``a + b`` followed by EOS (``a, b`` ints in ``[0, 10**n_digits)``)."""
@@ -235,14 +251,4 @@ class AdditionTask:
         pairs = self._check_pairs(pairs)
         prompts, pmask = self.encode_prompts(pairs)
         answers = [self.answer_ids(a, b) for a, b in pairs.tolist()]
-        width = max(len(r) for r in answers)
-        n, p = prompts.shape
-        resp = torch.full((n, width), self.tokenizer.pad_id, dtype=torch.long)
-        rmask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(answers):
-            resp[i, : len(r)] = torch.tensor(r)
-            rmask[i, : len(r)] = 1
-        ids = torch.cat([prompts, resp], dim=1)
-        attn = torch.cat([pmask, rmask], dim=1)
-        loss_mask = torch.cat([torch.zeros_like(pmask), rmask], dim=1)
-        return ids, attn, loss_mask
+        return teacher_forcing_batch(prompts, pmask, answers, self.tokenizer.pad_id)
