@@ -369,7 +369,7 @@ def built_book(tmp_path_factory) -> Path:
     """The book built from this tree into a temporary folder (notebooks are not executed: _config.yml's
     execute_notebooks is "off"). ``BOOK_LAYOUT_HTML=<folder>`` checks an existing build instead."""
     if os.environ.get("BOOK_LAYOUT_HTML"):
-        return Path(os.environ["BOOK_LAYOUT_HTML"])
+        return Path(os.environ["BOOK_LAYOUT_HTML"]).resolve()  # a relative folder works too
     out = tmp_path_factory.mktemp("book")
     jb = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(REPO), "--path-output", str(out)]
