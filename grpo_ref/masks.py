@@ -23,7 +23,11 @@ from ._checks import (
 
 
 def _lengths_arg(name: str, x, device=None) -> torch.Tensor:
-    x = check_tensor(name, torch.as_tensor(x, device=device))
+    try:
+        x = torch.as_tensor(x, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:  # a string, None, a ragged list: not lengths
+        raise ValueError(f"{name} must be a tensor or a list of integer lengths, got {type(x).__name__}") from e
+    x = check_tensor(name, x)
     if x.dtype.is_floating_point or x.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer lengths, got dtype {x.dtype}")
     return x.long()
