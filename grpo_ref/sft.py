@@ -7,12 +7,13 @@ gets only part of the sums right, and RL has something to improve.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ._checks import check_int, check_mask, check_optional_real, check_real, check_same_shape
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .logprobs import token_logprobs
 from .model import GPTConfig, TinyGPT, lm_logits, tiny_gpt
 
@@ -128,3 +129,42 @@ def warm_start_policy(
     supervised_warm_start(model, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                           target_accuracy=target_accuracy)
     return model
+
+
+WARM_START_KIND = "grpo_ref.warm_start"
+
+
+def save_warm_start(model: TinyGPT, path: str, meta: Optional[Dict[str, Any]] = None) -> None:
+    """Write a :class:`~grpo_ref.model.TinyGPT` (its :class:`~grpo_ref.model.GPTConfig` and weights) to ``path``,
+    with ``meta`` (plain numbers and strings: how it was made), in the checksummed, atomic format of
+    :mod:`grpo_ref.checkpoint`. ``benchmarks/warm_start.py`` writes the committed warm start this way."""
+    if not isinstance(model, TinyGPT):
+        raise ValueError(f"model must be a TinyGPT, got {type(model).__name__}")
+    state = {"kind": WARM_START_KIND, "gpt_config": model.config.to_dict(),
+             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": dict(meta or {})}
+    write_checkpoint(state, path)
+
+
+def _read_warm_start(path: str) -> Dict[str, Any]:
+    state = read_checkpoint(path)
+    if state.get("kind") != WARM_START_KIND or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} is not a warm start written by save_warm_start (kind {state.get('kind')!r})")
+    return state
+
+
+def load_warm_start(path: str, device: Optional[Union[str, torch.device]] = None) -> TinyGPT:
+    """The :class:`~grpo_ref.model.TinyGPT` saved by :func:`save_warm_start`, read with
+    ``torch.load(..., weights_only=True)`` after its SHA-256 is checked (:func:`warm_start_record` gives its ``meta``).
+
+    Raises ``FileNotFoundError`` without a file and :class:`~grpo_ref.checkpoint.CheckpointError` for a file that is
+    not a warm start (a trainer checkpoint, a corrupt file)."""
+    state = _read_warm_start(path)
+    model = TinyGPT(GPTConfig(**state["gpt_config"]))
+    model.load_state_dict(state["model"])
+    return model if device is None else model.to(device)
+
+
+def warm_start_record(path: str) -> Dict[str, Any]:
+    """The ``meta`` saved with a warm start by :func:`save_warm_start` (how it was made), checked as in
+    :func:`load_warm_start`."""
+    return dict(_read_warm_start(path).get("meta", {}))

@@ -7,9 +7,15 @@
 * a hypothesis profile for every test: no per-example deadline and no "too slow" health check (a busy or slow
   machine must not fail a property that holds), no example database (nothing written beside the tests), and the
   reproduction blob printed with a failure.
+* under pytest-xdist (``-n 2``), two things that only change how long the suite takes, never what it checks:
+  each worker gets its share of the CPU's threads (torch's and, through ``OMP_NUM_THREADS``, those of the notebook
+  kernels and scripts it starts), so two workers do not each spin two threads on two cores; and the longest tests
+  are collected first (``LONGEST_FIRST``), which with ``--maxschedchunk=2`` (pyproject.toml) hands them out
+  longest-first, one or two at a time, to whichever worker is free, instead of leaving one to run last.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import pytest
@@ -22,6 +28,49 @@ settings.register_profile(
 settings.load_profile("grpo-book")
 
 _CUDA = torch.cuda.is_available()
+
+# Node-id prefixes of the longest tests, longest first (minutes each on a 2-core CPU: the learning run, the notebooks
+# under nbval and papermill, the book's layout check, the packaging builds). Only the order of collection depends
+# on it: a stale entry costs time, never a check.
+LONGEST_FIRST = (
+    "tests/test_training.py::test_grpo_raises_eval_accuracy",
+    "tests/test_book_layout.py::test_built_pages_cut_nothing",
+    "tests/test_notebooks.py::test_notebook_stored_outputs[03",
+    "tests/test_notebooks.py::test_notebook_stored_outputs",
+    "tests/test_packaging.py",
+    "tests/test_notebooks.py::test_notebook_smoke_run",
+    "tests/test_benchmarks.py",
+    "tests/test_integration_trl.py",
+    "tests/test_cli.py",
+)
+
+
+def _cpu_share(workers: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def pytest_configure(config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and os.environ.get("PYTEST_XDIST_WORKER"):
+        share = _cpu_share(int(workers))
+        torch.set_num_threads(share)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(share))
+
+
+def _rank(item) -> tuple:
+    for i, prefix in enumerate(LONGEST_FIRST):
+        if item.nodeid.startswith(prefix):
+            return (0, i)
+    return (1, 0) if item.get_closest_marker("slow") else (2, 0)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=_rank)  # stable: within a rank, pytest's own order (module by module) is kept
 
 
 @pytest.fixture(
