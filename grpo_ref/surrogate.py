@@ -38,7 +38,6 @@ import torch
 
 from ._checks import (
     as_float,
-    check_2d,
     check_bool,
     check_choice,
     check_finite,
@@ -159,8 +158,7 @@ def policy_loss(
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
     check_float_tensor("logp", logp)
-    check_2d("logp", logp)
-    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    # logp 2-D and the mask's shape: _check_aggregate_args; old_logp's shape: _masked_input
     lp, m, norm = _check_aggregate_args("logp", logp, mask, loss_agg_mode, norm_length)
     num_tokens = check_num_tokens(num_tokens, loss_agg_mode)
     old = _masked_input("old_logp", old_logp, lp, m)

@@ -369,3 +369,43 @@ def test_kl_term_in_the_loss_is_kl_coef_times_the_estimator(estimator):
     sel = MASK > 0
     per_seq = [float(kl[i][sel[i]].mean()) if bool(sel[i].any()) else 0.0 for i in range(B)]
     assert math.isclose(got - base, 0.25 * sum(per_seq) / B, rel_tol=1e-10, abs_tol=1e-14)
+
+
+def test_dual_clip_leaves_positive_advantages_alone():
+    for adv in (0.5, 2.0):  # 0 < A < 1 included: only A < 0 is capped
+        for ratios in ([4.0, 0.25, 1.0], [1.5, 2.5]):
+            with_dual = _one_row(ratios, adv, dual_clip=2.0)
+            without = _one_row(ratios, adv)
+            assert float(with_dual[0]) == float(without[0])
+            assert float(with_dual[1]["dual_clip_frac"]) == 0.0
+
+
+def test_empty_batch_gives_zero():
+    z = torch.zeros(0, T, dtype=DT)
+    for objective in ("clip", "cispo", "sapo"):
+        loss, metrics = policy_loss(z, z, torch.zeros(0, dtype=DT), z, pg_objective=objective, ref_logp=z,
+                                    kl_coef=0.1, entropy=z)
+        assert float(loss) == 0.0 and loss.dtype == DT
+        assert float(metrics["ratio_min"]) == 1.0 and float(metrics["ratio_max"]) == 1.0
+
+
+def test_kl_term_uses_the_log_ratio_clamp():
+    # a reference far from the policy: k3 = exp(ref - lp) - (ref - lp) - 1 would overflow without the clamp
+    lp, old, adv, _ = _batch()
+    ref = lp + 800.0
+    for mlr in (20.0, 5.0):
+        loss, metrics = policy_loss(lp, old, adv, MASK, ref_logp=ref, kl_coef=0.1, max_log_ratio=mlr)
+        assert bool(torch.isfinite(loss))
+        expected = kl_estimate(lp, ref, "k3", max_log_ratio=mlr)[MASK > 0].mean()
+        assert math.isclose(float(metrics["kl_ref"]), float(expected), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["clip", "cispo", "sapo"])
+def test_sequence_ratio_of_a_one_token_sequence_is_its_token_ratio(objective):
+    lp, old, adv, _ = _batch(spread=0.3)
+    m = torch.zeros(B, T, dtype=DT)
+    m[0, 1] = m[1, 2] = m[2, 0] = 1.0  # one token per sequence: GSPO's s_i is that token's ratio
+    tok = policy_loss(lp, old, adv, m, pg_objective=objective)
+    seq = policy_loss(lp, old, adv, m, pg_objective=objective, ratio_level="sequence")
+    assert math.isclose(float(tok[0]), float(seq[0]), rel_tol=1e-12)
+    assert math.isclose(float(tok[1]["ratio_mean"]), float(seq[1]["ratio_mean"]), rel_tol=1e-12)
