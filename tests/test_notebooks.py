@@ -44,7 +44,7 @@ CELL_TIMEOUT_S = 3600  # a guard against a hang, not a speed test: chapter 3's l
 SMOKE_PARAMETERS: dict[str, dict] = {
     "01_token_level_kl": {"n_samples": 20_000},
     "02_grpo_loss": {"n_points": 41, "batch": 16},
-    "03_training_loop": {"steps": 3, "prompts_per_step": 8, "eval_every": 2, "warm_max_steps": 30},
+    "03_training_loop": {"steps": 3, "prompts_per_step": 8, "eval_every": 2, "warm_max_steps": 30, "warm_start_file": ""},
     "04_ppo": {"tree_prompts": 2, "mc_samples": 64, "prompts_per_step": 4, "extra_steps": 10},
 }
 
