@@ -81,13 +81,13 @@ def _row_blocks(x: torch.Tensor, chunk: int, offset: int = 0) -> Iterator[Tuple[
     v = x.shape[-1]
     try:
         rows = x.view(-1, v)
-    except RuntimeError:  # small tensors are copied: one loop of few large blocks beats many tiny ones
-        rows = x.reshape(-1, v) if x.dim() < 3 or x.numel() <= _COPY_BELOW else None
+    except RuntimeError:  # only a non-empty x of >= 3 dims gets here; small ones are copied (few large blocks)
+        rows = x.reshape(-1, v) if x.numel() <= _COPY_BELOW else None
     if rows is not None:
         for s in range(0, rows.shape[0], chunk):
             yield offset + s, rows[s : s + chunk]
         return
-    per = x[0].numel() // v if x.shape[0] else 0
+    per = x[0].numel() // v
     for i in range(x.shape[0]):
         yield from _row_blocks(x[i], chunk, offset + i * per)
 
