@@ -369,18 +369,16 @@ def compute_advantages(
     if cfg.overlong_buffer is not None:
         assert cfg.max_response_length is not None  # AlgoConfig refuses overlong_buffer without it
         scores = scores + overlong_penalty(m.sum(-1), cfg.max_response_length, cfg.overlong_buffer).to(scores)
-    beta = cfg.kl_coef if kl_reward else 0.0
     dtype = as_float(cast(torch.Tensor, old_logp)).dtype if kl_reward else m.dtype  # not None: refused above
-    token_rewards = torch.zeros(m.shape, dtype=dtype, device=m.device)
+    token_rewards = _last_token(scores.to(dtype), m.to(dtype))
     seq_scores = scores
     if kl_reward:  # token estimators get -beta * k(t) per token; sequence estimators see score - beta * sum_t k(t)
-        zero = torch.zeros((), dtype=dtype, device=m.device)
-        old = torch.where(on, as_float(cast(torch.Tensor, old_logp)).detach(), zero)
-        ref = torch.where(on, as_float(cast(torch.Tensor, ref_logp)).detach().to(dtype), zero)
+        beta = cfg.kl_coef
+        old = torch.where(on, as_float(cast(torch.Tensor, old_logp)).detach(), 0.0)
+        ref = torch.where(on, as_float(cast(torch.Tensor, ref_logp)).detach().to(dtype), 0.0)
         kl = _ESTIMATORS[cfg.kl_estimator](old, ref, 20.0)
-        token_rewards = -beta * kl * m
+        token_rewards = token_rewards - beta * kl * m
         seq_scores = scores - beta * _masked_sum(kl, m.to(dtype), dim=-1)
-    token_rewards = token_rewards + _last_token(scores.to(dtype), m.to(dtype))
     returns = None
     est = cfg.adv_estimator
     if nan_ok and bool(unscorable.any()):  # group estimators only (AlgoConfig refuses the others)
@@ -389,15 +387,16 @@ def compute_advantages(
         elif est == "rloo":
             adv = _nan_rloo_advantages(seq_scores, cfg.group_size)[:, None] * m
         else:  # reinforce_pp_baseline: the score as the token rewards sum it (an empty response counts as 0)
-            seq = torch.where(unscorable, seq_scores, torch.nan_to_num(token_rewards, nan=0.0).sum(-1))
-            adv = _nan_reinforce_pp_baseline(seq, m.to(dtype), cfg.group_size)
+            # (the where() keeps every NaN score out: a scorable row's token rewards hold none)
+            seq = torch.where(unscorable, seq_scores, token_rewards.sum(-1))
+            adv = _nan_reinforce_pp_baseline(seq, m, cfg.group_size)
     elif est in ("grpo", "rloo"):
         seq = grpo_advantages(seq_scores, cfg.group_size, cfg.adv_scale, cfg.adv_eps) if est == "grpo" else rloo_advantages(seq_scores, cfg.group_size)
         adv = seq[:, None] * m
     elif est == "reinforce_pp":
         adv = reinforce_pp_advantages(token_rewards, m, cfg.gamma)
     elif est == "reinforce_pp_baseline":
-        adv = reinforce_pp_advantages(token_rewards, m, cfg.gamma, group_size=cfg.group_size)
+        adv = reinforce_pp_advantages(token_rewards, m, group_size=cfg.group_size)  # the baseline variant has no gamma
     else:  # gae
         if values is None:
             raise ValueError("adv_estimator='gae' needs values from the critic")
@@ -446,4 +445,4 @@ def get_preset(name: str, **overrides) -> AlgoConfig:
 
     An unknown name or field, or a bad field value, is a ``ValueError`` naming it (see :class:`AlgoConfig`)."""
     check_choice("name", name, PRESETS, what="algorithm")
-    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+    return PRESETS[name].replace(**overrides)
