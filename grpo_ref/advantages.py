@@ -60,8 +60,6 @@ def _zero_out(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def _centred(g: torch.Tensor) -> torch.Tensor:
     """``R - mean(R_group)``, exactly 0 in groups whose rewards are all equal (no rounding residue)."""
-    if g.numel() == 0:
-        return g.clone()
     same = g.amax(-1, keepdim=True) == g.amin(-1, keepdim=True)
     return torch.where(same, torch.zeros_like(g), g - g.mean(-1, keepdim=True))
 
@@ -94,8 +92,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
     if scale == "group":
         centred = centred / (g.std(-1, keepdim=True) + eps)
     elif scale == "batch":
-        std = g.reshape(-1).std() if g.numel() > 1 else torch.zeros((), dtype=g.dtype, device=g.device)
-        centred = centred / (std + eps)
+        centred = centred / (g.reshape(-1).std() + eps)  # B >= G >= 2 here
     return torch.nan_to_num(centred.reshape(-1), nan=0.0)  # 0 / (0 + 0) when eps == 0 and a group is flat
 
 
@@ -173,7 +170,7 @@ def gae_advantages(
     ``B = 0`` or ``T = 0`` give empty results.
     """
     check_float_tensor("values", values)
-    check_same_shape(token_rewards=token_rewards, values=values, mask=mask)
+    check_same_shape(token_rewards=token_rewards, values=values)  # mask: by check_mask in _check_token_rewards
     r, m, gamma = _check_token_rewards(token_rewards, mask, gamma)
     lam = check_real("lam", lam, lo=0.0, hi=1.0)
     v = as_float(values).detach().to(r.dtype)
@@ -221,7 +218,7 @@ def process_advantages(
     """
     check_float_tensor("step_rewards", step_rewards)
     check_2d("step_rewards", step_rewards)
-    check_same_shape(step_rewards=step_rewards, step_ends=step_ends, step_mask=step_mask)
+    check_same_shape(step_rewards=step_rewards, step_ends=step_ends)  # step_mask: by check_mask below
     check_2d("mask", mask)
     if mask.shape[0] != step_rewards.shape[0]:
         raise ValueError(f"mask has {mask.shape[0]} rows but step_rewards has {step_rewards.shape[0]}")
@@ -296,8 +293,8 @@ def _nan_centred(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Ten
     n = valid.sum(-1, keepdim=True)
     x = torch.where(valid, g, zero)
     mean = x.sum(-1, keepdim=True) / n.clamp_min(1)
-    big = torch.where(valid, g, -torch.inf).amax(-1, keepdim=True) if g.shape[-1] else x
-    small = torch.where(valid, g, torch.inf).amin(-1, keepdim=True) if g.shape[-1] else x
+    big = torch.where(valid, g, -torch.inf).amax(-1, keepdim=True)  # every caller has G >= 1 members per set
+    small = torch.where(valid, g, torch.inf).amin(-1, keepdim=True)
     flat = (n <= 1) | (big == small)
     return torch.where(valid & ~flat, g - mean, zero), valid, n
 
@@ -406,7 +403,7 @@ def combine_rewards(
         r = r.to(w.dtype)
     if b == 0:
         return torch.zeros(0, dtype=r.dtype, device=r.device)
-    unscorable = torch.isnan(r).all(-1) if k else torch.ones(b, dtype=torch.bool, device=r.device)
+    unscorable = torch.isnan(r).all(-1)  # all() over K = 0 functions is True: every completion is unscorable
     nan = torch.full((), torch.nan, dtype=r.dtype, device=r.device)
     if aggregation == "sum_then_normalize":
         total = torch.where(unscorable, nan, torch.nansum(r * w, dim=-1))
