@@ -35,6 +35,7 @@ verl 0.9.1's further names (``verl/trainer/ppo/core_algos.py``, ``kl_penalty_for
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -100,17 +101,22 @@ def _low_var_kl(logp, ref_logp, max_log_ratio):
     return clamp(torch.expm1(d) - d, -LOW_VAR_KL_VALUE_CLAMP, LOW_VAR_KL_VALUE_CLAMP)
 
 
-def _straight_through(base):
-    """``k2 - sg(k2) + sg(base)``: the value of ``base``, the gradient of k2 (verl 0.9.1 ``kl_penalty``)."""
-    def estimator(logp, ref_logp, max_log_ratio):
-        k2 = _k2(logp, ref_logp, max_log_ratio)
-        return k2 - k2.detach() + base(logp, ref_logp, max_log_ratio).detach()
-    estimator.__name__ = f"{base.__name__}_straight_through"
-    return estimator
+def _straight_through(base, logp, ref_logp, max_log_ratio):
+    """``k2 - sg(k2) + sg(base)``: the value of ``base``, the gradient of k2 (verl 0.9.1 ``kl_penalty``).
+
+    The ``"<base>+"`` estimators of ``_ESTIMATORS`` are this function with ``base`` bound by ``functools.partial``
+    (module-level code below, no factory: the body runs at call time, where a test, or a mutant, can reach it)."""
+    k2 = _k2(logp, ref_logp, max_log_ratio)
+    return k2 - k2.detach() + base(logp, ref_logp, max_log_ratio).detach()
 
 
 _ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3, "abs": _abs, "low_var_kl": _low_var_kl}
-_ESTIMATORS.update({f"{name}+": _straight_through(f) for name, f in list(_ESTIMATORS.items()) if name != "k2"})
+for _name, _base in list(_ESTIMATORS.items()):
+    if _name != "k2":  # verl's "k2+" is k2 itself
+        _ESTIMATORS[f"{_name}+"] = functools.partial(_straight_through, _base)
+        _ESTIMATORS[f"{_name}+"].__name__ = f"{_base.__name__}_straight_through"
+        _ESTIMATORS[f"{_name}+"].__doc__ = _straight_through.__doc__
+del _name, _base
 #: "k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "low_var_kl+"
 KL_ESTIMATORS = tuple(_ESTIMATORS)
 
@@ -210,4 +216,5 @@ def _explain_categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, shap
     support = (torch.log_softmax(as_float(p_logits), -1).expand(shape) > -torch.inf) & torch.isneginf(q_logits).expand(shape)
     overflow = ~torch.isfinite(kl) & ~support.any(-1)
     if bool(overflow.any()):
-        raise NonFiniteInputError("p_logits", f"KL(p || q) overflows at positions {overflow.nonzero()[:3].tolist()}: pass float64 logits")
+        raise NonFiniteInputError("p_logits", f"KL(p_logits || q_logits) overflows in {kl.dtype} at positions "
+                                 f"{overflow.nonzero()[:3].tolist()}: pass float64 logits")
