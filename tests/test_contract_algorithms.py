@@ -974,7 +974,7 @@ def test_mixed_dtypes_follow_kl_in_reward(est, kl):
         gamma=0.8,
         whiten_advantages=True,
     )
-    for ms, s, o, r in DTYPE_COMBOS:
+    for ms, s, o, r in DTYPE_COMBOS if kl else [c for c in DTYPE_COMBOS if c[2] == c[3] == F64]:  # no KL: no log-probs
         mask = {"f64": AMASK, "f32": AMASK.float(), "bool": AMASK.bool()}[ms]
         scores, old, ref = SCORES.to(s) + 0.1, OLD.to(o), REF.to(r)
         got = G.compute_advantages(cfg, scores, mask, old_logp=old, ref_logp=ref, values=VALUES)[0]
