@@ -150,7 +150,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return _masked_var(v, m, check_bool("unbiased", unbiased))
 
 
-def _masked_var(v: torch.Tensor, m: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def _masked_var(v: torch.Tensor, m: torch.Tensor, unbiased: bool) -> torch.Tensor:
     v = _zero_out(v, m)
     mean = _masked_mean(v, m)
     n = m.sum()

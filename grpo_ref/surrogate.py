@@ -212,8 +212,9 @@ def _ratios(lp, old, m, ratio_level, max_log_ratio):
     seq_raw = log_ratio.sum(-1) / m.sum(-1).clamp_min(1.0)
     seq_log_ratio = clamp(seq_raw, -max_log_ratio, max_log_ratio)
     # GSPO-token form: value sg[log s_i], gradient d lp_t / L_i-weighted by the aggregation; no gradient
-    # where a clamp is active (as for the clamped sequence objective itself)
-    free = on & (raw.abs() < max_log_ratio) & (seq_raw.abs() < max_log_ratio)[:, None]
+    # where a clamp is active (as for the clamped sequence objective itself): strictly beyond the bound, since
+    # torch's clamp passes the gradient at the bound itself (as at ratio_level="token")
+    free = on & (raw.abs() <= max_log_ratio) & (seq_raw.abs() <= max_log_ratio)[:, None]
     gspo = seq_log_ratio.detach()[:, None] + torch.where(free, lp - lp.detach(), zero)
     ratio = torch.exp(torch.where(on, gspo, zero))
     return ratio, torch.exp(seq_log_ratio)[:, None].expand_as(lp), token_log_ratio

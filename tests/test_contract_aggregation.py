@@ -15,6 +15,7 @@ import re
 import pytest
 import torch
 
+from grpo_ref._checks import NonFiniteInputError
 from grpo_ref import aggregate
 from grpo_ref.aggregation import LOSS_AGG_MODES
 
@@ -30,6 +31,16 @@ def _refused(call, *args: str) -> str:
     for arg in args:
         assert _names(msg, arg), f"{arg!r} not named in {msg!r}"
     return msg
+
+
+def _refused_nonfinite(call, arg: str) -> str:
+    """A NaN/inf refusal: a ``NonFiniteInputError`` (a ``ValueError``) whose ``.name`` is the argument and whose
+    message names it (its list of offending values contains the word "values" whatever the argument)."""
+    with pytest.raises(NonFiniteInputError) as info:
+        call()
+    assert info.value.name == arg, (info.value.name, arg)
+    assert str(info.value).startswith(f"{arg} "), str(info.value)
+    return str(info.value)
 
 
 B, T = 3, 5  # B != T, so a reduction over the wrong axis shows
@@ -166,4 +177,4 @@ def test_tensor_arguments_refused_by_name():
     _refused(lambda: aggregate(l, half, "token-mean"), "mask")
     bad = l.clone()
     bad[1, 4] = math.nan  # masked in
-    _refused(lambda: aggregate(bad, MASK, "token-mean"), "loss_mat")
+    _refused_nonfinite(lambda: aggregate(bad, MASK, "token-mean"), "loss_mat")

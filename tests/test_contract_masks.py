@@ -14,7 +14,16 @@ import re
 import pytest
 import torch
 
-from grpo_ref import masked_mean, masked_sum, masked_var, masked_whiten, response_mask
+from grpo_ref._checks import NonFiniteInputError
+from grpo_ref import (
+    discounted_returns,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    reinforce_pp_advantages,
+    response_mask,
+)
 
 
 def _names(msg: str, arg: str) -> bool:
@@ -29,6 +38,16 @@ def _refused(call, *args: str) -> str:
     for arg in args:
         assert _names(msg, arg), f"{arg!r} not named in {msg!r}"
     return msg
+
+
+def _refused_nonfinite(call, arg: str) -> str:
+    """A NaN/inf refusal: a ``NonFiniteInputError`` (a ``ValueError``) whose ``.name`` is the argument and whose
+    message names it (its list of offending values contains the word "values" whatever the argument)."""
+    with pytest.raises(NonFiniteInputError) as info:
+        call()
+    assert info.value.name == arg, (info.value.name, arg)
+    assert str(info.value).startswith(f"{arg} "), str(info.value)
+    return str(info.value)
 
 
 def _values(b=3, t=4, seed=0, dtype=torch.float64):
@@ -150,7 +169,7 @@ def test_masked_refusals_name_values_and_mask(name):
     _refused(lambda: f(v, bad), "mask")
     nan_in = v.clone()
     nan_in[0, 0] = math.nan
-    _refused(lambda: f(nan_in, MASK), "values")
+    _refused_nonfinite(lambda: f(nan_in, MASK), "values")
 
 
 @pytest.mark.parametrize("name", sorted(FUNCS))
@@ -315,3 +334,16 @@ def test_masked_whiten_padding_is_zero_and_statistics_are_the_masked_ones():
     sel = out[MASK > 0]
     assert abs(float(sel.mean())) < 1e-12
     assert math.isclose(float(sel.var(unbiased=True)), 1.0, rel_tol=1e-12)
+
+
+def test_internal_whitening_defaults_are_verls():
+    """REINFORCE++ whitens with the internal helper's defaults, documented as verl's ``masked_whiten``: centred,
+    unbiased variance, ``eps = 1e-8``; the same as the public :func:`masked_whiten` with its defaults."""
+    r = _values(seed=4) * 0.2 + 1.0
+    m = MASK.double()
+    got = reinforce_pp_advantages(r, m, gamma=0.9)
+    returns = discounted_returns(r, m, gamma=0.9)
+    torch.testing.assert_close(got, masked_whiten(returns, m, shift_mean=True, unbiased=True, eps=1e-8), rtol=1e-12,
+                               atol=1e-12)
+    for other in (dict(shift_mean=False), dict(unbiased=False), dict(eps=1.00000001)):
+        assert not torch.allclose(got, masked_whiten(returns, m, **other))

@@ -24,6 +24,7 @@ import re
 import pytest
 import torch
 
+from grpo_ref._checks import NonFiniteInputError
 from grpo_ref import policy_loss
 from grpo_ref.kl import KL_ESTIMATORS, kl_estimate
 
@@ -43,6 +44,16 @@ def _refused(call, *args: str) -> str:
     for arg in args:
         assert _names(msg, arg), f"{arg!r} not named in {msg!r}"
     return msg
+
+
+def _refused_nonfinite(call, arg: str) -> str:
+    """A NaN/inf refusal: a ``NonFiniteInputError`` (a ``ValueError``) whose ``.name`` is the argument and whose
+    message names it (its list of offending values contains the word "values" whatever the argument)."""
+    with pytest.raises(NonFiniteInputError) as info:
+        call()
+    assert info.value.name == arg, (info.value.name, arg)
+    assert str(info.value).startswith(f"{arg} "), str(info.value)
+    return str(info.value)
 
 
 def _batch(seed=0, spread=0.6):
@@ -126,7 +137,7 @@ def test_logp_refused_by_name():
     _refused(lambda: policy_loss(lp[None], old[None], adv, MASK[None]), "logp")
     bad = lp.clone()
     bad[1, 3] = math.nan  # masked in
-    _refused(lambda: policy_loss(bad, old, adv, MASK), "logp")
+    _refused_nonfinite(lambda: policy_loss(bad, old, adv, MASK), "logp")
 
 
 def test_each_tensor_shape_refused_on_its_own():
@@ -165,14 +176,14 @@ def test_nonfinite_refused_by_name_at_masked_in_positions_only():
         base = dict(old_logp=old, ref_logp=ref, entropy=ent)
         bad = base[name].clone()
         bad[at_in] = math.nan
-        _refused(lambda: policy_loss(lp, **{**base, name: bad}, advantages=adv, mask=MASK, kl_coef=0.1), name)
+        _refused_nonfinite(lambda: policy_loss(lp, **{**base, name: bad}, advantages=adv, mask=MASK, kl_coef=0.1), name)
         free = base[name].clone()
         free[at_out] = math.inf
         loss, _ = policy_loss(lp, **{**base, name: free}, advantages=adv, mask=MASK, kl_coef=0.1)
         assert bool(torch.isfinite(loss))
     adv_tok = adv[:, None].expand(B, T).clone()
     adv_tok[at_in] = math.inf
-    _refused(lambda: policy_loss(lp, old, adv_tok, MASK), "advantages")
+    _refused_nonfinite(lambda: policy_loss(lp, old, adv_tok, MASK), "advantages")
     adv_tok = adv[:, None].expand(B, T).clone()
     adv_tok[at_out] = math.nan
     assert bool(torch.isfinite(policy_loss(lp, old, adv_tok, MASK)[0]))
@@ -188,7 +199,7 @@ def test_sequence_advantage_checked_only_for_sequences_with_a_token():
     assert float(loss) == float(policy_loss(lp, old, adv, m)[0])
     bad = adv.clone()
     bad[1] = math.inf
-    _refused(lambda: policy_loss(lp, old, bad, m), "advantages")
+    _refused_nonfinite(lambda: policy_loss(lp, old, bad, m), "advantages")
 
 
 def test_no_response_position_gives_zero_even_with_nan_advantages():
@@ -409,3 +420,60 @@ def test_sequence_ratio_of_a_one_token_sequence_is_its_token_ratio(objective):
     seq = policy_loss(lp, old, adv, m, pg_objective=objective, ratio_level="sequence")
     assert math.isclose(float(tok[0]), float(seq[0]), rel_tol=1e-12)
     assert math.isclose(float(tok[1]["ratio_mean"]), float(seq[1]["ratio_mean"]), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["clip", "cispo", "sapo"])
+def test_loss_dtype_follows_logp_not_the_constant_inputs(objective):
+    # the constant inputs (old_logp, advantages, ref_logp, entropy) are cast to logp's dtype: float64 ones do not
+    # promote a float32 loss
+    lp, old, adv, ref = _batch()
+    loss, metrics = policy_loss(lp.float(), old, adv, MASK, pg_objective=objective, ref_logp=ref, kl_coef=0.1,
+                                entropy=torch.rand(B, T, dtype=DT))
+    assert loss.dtype == torch.float32
+    for k, v in metrics.items():
+        assert v.dtype == torch.float32, k
+
+
+def test_norm_length_and_num_tokens_reach_the_aggregation():
+    lp, old, adv, _ = _batch()
+    tok_sum = _loss(loss_agg_mode="token-sum")
+    assert math.isclose(_loss(loss_agg_mode="token-mean", num_tokens=7.0), tok_sum / 7.0, rel_tol=1e-12)
+    seq_sum = _loss(loss_agg_mode="seq-mean-token-sum")
+    assert math.isclose(_loss(loss_agg_mode="seq-mean-token-sum-norm", norm_length=13.0), seq_sum / 13.0, rel_tol=1e-12)
+    assert math.isclose(_loss(loss_agg_mode="seq-mean-token-sum-norm"), seq_sum / T, rel_tol=1e-12)
+    _refused(lambda: _call(loss_agg_mode="seq-mean-token-mean", num_tokens=7.0), "num_tokens", "loss_agg_mode")
+    _refused(lambda: _call(loss_agg_mode="token-mean", num_tokens=0.0), "num_tokens")
+    _refused(lambda: _call(loss_agg_mode="seq-mean-token-sum-norm", norm_length=0.0), "norm_length")
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_gradient_at_the_log_ratio_bound_is_autograd_of_the_clamped_objective(ratio_level):
+    """At ``|lp - old| = max_log_ratio`` exactly (and a GSPO mean on the bound), the clamp is not active: the
+    gradient is the one autograd gives the clamped objective (torch's clamp passes it at the bound), at both ratio
+    levels; strictly beyond the bound it is 0 (``test_policy_loss.test_gspo_gradient_respects_the_log_ratio_clamp``)."""
+    mlr = 2.0
+    lp = torch.tensor([[-1.0, -1.5, -0.5]], dtype=DT, requires_grad=True)
+    old = lp.detach() - mlr  # every log-ratio exactly on the bound, and so is their mean
+    adv, mask = torch.tensor([-1.0], dtype=DT), torch.ones(1, 3, dtype=DT)
+    loss, _ = policy_loss(lp, old, adv, mask, ratio_level=ratio_level, max_log_ratio=mlr)
+    (got,) = torch.autograd.grad(loss, lp)
+    lr = torch.clamp(lp - old, -mlr, mlr)
+    if ratio_level == "token":
+        r = torch.exp(lr)
+        slow = torch.maximum(-adv[0] * r, -adv[0] * torch.clamp(r, 0.8, 1.2)).mean()
+    else:
+        s = torch.exp(torch.clamp(lr.mean(), -mlr, mlr))
+        slow = torch.maximum(-adv[0] * s, -adv[0] * torch.clamp(s, 0.8, 1.2))
+    (want,) = torch.autograd.grad(slow, lp)
+    assert bool((want != 0).all())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_zero_kl_coef_keeps_an_overflowing_kl_out_of_the_loss():
+    # kl_coef = 0 (the default) only reports the KL: a reference so far that k3 overflows (exp(800)) under a wide
+    # max_log_ratio leaves the loss finite and equal to the loss without ref_logp
+    lp, old, adv, _ = _batch()
+    ref = lp + 800.0
+    loss, metrics = policy_loss(lp, old, adv, MASK, ref_logp=ref, max_log_ratio=1000.0)
+    assert bool(torch.isfinite(loss)) and math.isinf(float(metrics["kl_ref"]))
+    assert float(loss) == float(policy_loss(lp, old, adv, MASK, max_log_ratio=1000.0)[0])
