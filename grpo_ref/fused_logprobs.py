@@ -430,7 +430,7 @@ def _check_hidden_result(out: torch.Tensor, hidden, weight, bias, ids) -> torch.
 def _hidden_apply(hidden, weight, tokens, bias, temperature, chunk_size, need_lp, need_h):
     ids, tau, chunk = _check_hidden_args(hidden, weight, tokens if need_lp else None, bias, temperature, chunk_size)
     lead = hidden.shape[:-1]
-    rows = hidden.reshape(-1, hidden.shape[-1])
+    rows = hidden.reshape(lead.numel(), hidden.shape[-1])  # not -1: ambiguous for H = 0 (logits = bias alone)
     flat = ids.reshape(-1) if ids is not None else torch.zeros(0, dtype=torch.long, device=hidden.device)
     out = _HiddenFn.apply(rows, weight, bias, flat, tau, chunk, need_lp, need_h)
     out = out if (need_lp and need_h) else (out,)

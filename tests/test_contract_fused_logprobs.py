@@ -62,7 +62,7 @@ def _naive(z, tok, tau):
 
 
 def _naive_logits(hid, w, b):
-    z = hid.reshape(-1, hid.shape[-1]) @ w.t()
+    z = hid.reshape(hid.shape[:-1].numel(), hid.shape[-1]) @ w.t()
     z = z if b is None else z + b
     return z.reshape(*hid.shape[:-1], w.shape[0])
 
@@ -192,6 +192,23 @@ def test_hidden_edges_accepted(mode):
         _close(a, r.expand(B, T))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_vocabulary_edge(mode):
+    """``V >= 1`` is refused at ``V = 0`` naming ``weight`` (without a bias that would be refused first)."""
+    kw = {**_good(), "weight": torch.zeros(0, H), "bias": None}
+    err = _refused(lambda: _call_hidden_kw(mode, kw), "weight")
+    assert "V >= 1" in str(err)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hidden_size_zero_accepted(mode):
+    """``H = 0`` passes the checks and is legal: the logits are then the bias alone."""
+    hid, w, b, tok = _inputs()
+    outs = _hidden_call(mode, hid[..., :0], w[:, :0], tok, 2.0, b)
+    for a, r in zip(outs, _naive_hidden(mode, hid[..., :0], w[:, :0], tok, 2.0, b)):
+        _close(a, r)
+
+
 def test_weight_dtype_refusal_names_both():
     err = _refused(lambda: token_logprobs_from_hidden(**{**_good(), "weight": torch.zeros(V, H, dtype=torch.float64)}), "weight")
     assert _names(str(err), "hidden")
@@ -316,6 +333,16 @@ def test_hidden_overflow_named(mode):
     kw["tokens"] = torch.where(kw["tokens"] == 0, 1, kw["tokens"])
     err = _refused(lambda: _call_hidden_kw(mode, kw), "hidden", NonFiniteInputError)
     assert err.name == "hidden" and "overflow" in str(err)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hidden_overflow_shows_its_position(mode):
+    """Only row ``[1, 2]`` overflows once divided by a tiny temperature: the message shows that position."""
+    kw = {**_good(), "temperature": 1e-9}
+    kw["hidden"] = kw["hidden"].clone()
+    kw["hidden"][1, 2] = 1e30
+    err = _refused(lambda: _call_hidden_kw(mode, kw), "hidden", NonFiniteInputError)
+    assert err.name == "hidden" and "[1, 2]" in str(err)
 
 
 # ------------------------------------------------------------------------------------------ values and gradients
