@@ -548,6 +548,20 @@ def test_double_backward_fallback_first_derivative(mode, masked):
             _close(d, n)
 
 
+def test_double_backward_fallback_low_precision():
+    """The dense fallback for bf16 inputs: gradients in bf16, close to the naive float32 ones on the same inputs."""
+    hid, w, b, tok = _inputs(torch.float32)
+    ins = [x.to(torch.bfloat16).requires_grad_(True) for x in (hid, w, b)]
+    ref_in = [x.detach().float().requires_grad_(True) for x in ins]
+    outs = _hidden_call("both", ins[0], ins[1], tok, 0.8, ins[2], chunk=4)
+    wts = _weights(outs)
+    dense = torch.autograd.grad(_loss(outs, wts), ins, create_graph=True)
+    naive = torch.autograd.grad(_loss(_naive(_naive_logits(*ref_in), tok, 0.8), wts), ref_in)
+    for d, n in zip(dense, naive):
+        assert d.dtype == torch.bfloat16
+        torch.testing.assert_close(d.float(), n, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gradcheck_and_gradgradcheck_float64(mode, with_bias):
