@@ -255,7 +255,8 @@ def _loop_var(v, m, unbiased):
 
 def test_masked_var_default_is_unbiased():
     v = _values()
-    default, unbiased, biased = masked_var(v, MASK), masked_var(v, MASK, unbiased=True), masked_var(v, MASK, unbiased=False)
+    default, unbiased = masked_var(v, MASK), masked_var(v, MASK, unbiased=True)
+    biased = masked_var(v, MASK, unbiased=False)
     assert float(default) == float(unbiased)
     assert not math.isclose(float(default), float(biased))
     assert math.isclose(float(unbiased), _loop_var(v, MASK, True), rel_tol=1e-12)

@@ -299,7 +299,7 @@ def test_sapo_in_float64_uses_exact_temperatures(taus):
     assert math.isclose(got, _sapo_loop(lp, old, adv, MASK, *taus), rel_tol=1e-13)
 
 
-# ------------------------------------------------------------------------------------------------ clip metrics at the edges
+# ------------------------------------------------------------------------------------------- clip metrics at the edges
 def _one_row(ratios, adv, **kw):
     r = torch.tensor([ratios], dtype=DT)
     lp = torch.full_like(r, -1.0)
