@@ -285,6 +285,18 @@ def test_forward_work_buffers(dtype, tau):
         assert log.count == 2
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tau", [1.0, 0.7])  # 0.7: a division that is not exact in bf16/fp16
+def test_low_precision_logits_upcast_before_any_arithmetic(low, tau):
+    """bf16/fp16 logits are upcast to float32 before the division by ``tau`` and the max subtraction: the results
+    equal the float32 computation on the same (exactly upcast) logits to float32 rounding, not to bf16 rounding."""
+    z, tok = _logits((4, 6, 50), dtype=low, scale=3.0), _tokens((4, 6), v=50)
+    torch.testing.assert_close(token_logprobs(z, tok, temperature=tau, chunk_size=7).double(), _naive_logprobs(z.float(), tok, tau),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(token_entropy(z, temperature=tau, chunk_size=7).double(), _naive_entropy(z.float(), tau),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_empty_input():
     z = torch.zeros(0, 3, V, dtype=torch.float64)
     tok = torch.zeros(0, 3, dtype=torch.long)
