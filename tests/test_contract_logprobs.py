@@ -286,7 +286,7 @@ def test_forward_work_buffers(dtype, tau):
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tau", [1.0, 0.7])  # 0.7: a division that is not exact in bf16/fp16
+@pytest.mark.parametrize("tau", [1.0, 0.7, 2.0])  # 0.7: a division that is not exact in bf16/fp16
 def test_low_precision_logits_upcast_before_any_arithmetic(low, tau):
     """bf16/fp16 logits are upcast to float32 before the division by ``tau`` and the max subtraction: the results
     equal the float32 computation on the same (exactly upcast) logits to float32 rounding, not to bf16 rounding."""
