@@ -18,6 +18,7 @@ import ast
 import collections
 import difflib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
@@ -39,10 +40,15 @@ def function_sources(path: Path) -> Dict[str, List[str]]:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name}
 
 
+def _strip_name(line: str) -> str:
+    return re.sub(r"__mutmut_\w+\(", "(", line, count=1)
+
+
 def change(orig: List[str], mutant: List[str]) -> str:
-    """The one-line diff of two versions of a function (its ``def`` line, which holds the name, left out)."""
-    a = [line.strip() for line in orig[1:]]
-    b = [line.strip() for line in mutant[1:]]
+    """The one-line diff of two versions of a function; in the ``def`` line (a default value may be mutated there)
+    mutmut's ``__mutmut_N`` suffix is dropped from the name."""
+    a = [_strip_name(line.strip()) if i == 0 else line.strip() for i, line in enumerate(orig)]
+    b = [_strip_name(line.strip()) if i == 0 else line.strip() for i, line in enumerate(mutant)]
     hunks = []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
         if op != "equal":
