@@ -348,3 +348,10 @@ def test_internal_whitening_defaults_are_verls():
                                atol=1e-12)
     for other in (dict(shift_mean=False), dict(unbiased=False), dict(eps=1.00000001)):
         assert not torch.allclose(got, masked_whiten(returns, m, **other))
+
+
+def test_lengths_refusal_shows_the_type_it_was_given():
+    """A string or a ragged list is refused naming the argument and the type received (not some other type)."""
+    for bad, shown in (("12", "str"), ([[1, 2], [3]], "list")):
+        msg = _refused(lambda: response_mask(4, [0, 0], total_lengths=bad), "total_lengths")
+        assert re.search(rf"\bgot {shown}\b", msg), msg

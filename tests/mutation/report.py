@@ -125,10 +125,13 @@ def render(counts, problems, contradictions) -> str:
     lines.append("")
     lines.append("score = (killed + timeout) / (mutants - equivalent); timeout: the mutant made a test run 15x "
                  "longer than normal (mutmut counts it as killed).")
-    if problems:
-        lines.append(f"\n{len(problems)} unexplained (survived with no entry in equivalent_mutants.tsv, no tests, "
-                     "or not checked):")
-        lines += [f"  {status:11} {function}\t{diff}" for function, diff, status in problems]
+    listed = [p for p in problems if p[2] != "not checked"]
+    unchecked = len(problems) - len(listed)
+    if listed:
+        lines.append(f"\n{len(listed)} unexplained (survived with no entry in equivalent_mutants.tsv, or no tests):")
+        lines += [f"  {status:11} {function}\t{diff}" for function, diff, status in listed]
+    if unchecked:
+        lines.append(f"\n{unchecked} mutants not checked yet (the table gives them per module): run mutmut to the end.")
     if contradictions:
         lines.append(f"\n{len(contradictions)} listed as equivalent but {', '.join(sorted({s for *_, s in contradictions}))}"
                      " (remove their lines):")
