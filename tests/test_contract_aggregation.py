@@ -18,29 +18,10 @@ import torch
 from grpo_ref._checks import NonFiniteInputError
 from grpo_ref import aggregate
 from grpo_ref.aggregation import LOSS_AGG_MODES
+from refusals import names as _names, refused as _refused, refused_nonfinite as _refused_nonfinite
 
 
-def _names(msg: str, arg: str) -> bool:
-    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", msg) is not None
 
-
-def _refused(call, *args: str) -> str:
-    with pytest.raises(ValueError) as info:
-        call()
-    msg = str(info.value)
-    for arg in args:
-        assert _names(msg, arg), f"{arg!r} not named in {msg!r}"
-    return msg
-
-
-def _refused_nonfinite(call, arg: str) -> str:
-    """A NaN/inf refusal: a ``NonFiniteInputError`` (a ``ValueError``) whose ``.name`` is the argument and whose
-    message names it (its list of offending values contains the word "values" whatever the argument)."""
-    with pytest.raises(NonFiniteInputError) as info:
-        call()
-    assert info.value.name == arg, (info.value.name, arg)
-    assert str(info.value).startswith(f"{arg} "), str(info.value)
-    return str(info.value)
 
 
 B, T = 3, 5  # B != T, so a reduction over the wrong axis shows

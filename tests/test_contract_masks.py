@@ -24,30 +24,10 @@ from grpo_ref import (
     reinforce_pp_advantages,
     response_mask,
 )
+from refusals import names as _names, refused as _refused, refused_nonfinite as _refused_nonfinite
 
 
-def _names(msg: str, arg: str) -> bool:
-    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", msg) is not None
 
-
-def _refused(call, *args: str) -> str:
-    """``call()`` raises a ``ValueError`` whose message names every one of ``args``; returns the message."""
-    with pytest.raises(ValueError) as info:
-        call()
-    msg = str(info.value)
-    for arg in args:
-        assert _names(msg, arg), f"{arg!r} not named in {msg!r}"
-    return msg
-
-
-def _refused_nonfinite(call, arg: str) -> str:
-    """A NaN/inf refusal: a ``NonFiniteInputError`` (a ``ValueError``) whose ``.name`` is the argument and whose
-    message names it (its list of offending values contains the word "values" whatever the argument)."""
-    with pytest.raises(NonFiniteInputError) as info:
-        call()
-    assert info.value.name == arg, (info.value.name, arg)
-    assert str(info.value).startswith(f"{arg} "), str(info.value)
-    return str(info.value)
 
 
 def _values(b=3, t=4, seed=0, dtype=torch.float64):
