@@ -80,8 +80,10 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
     equal gets advantage exactly 0 (it carries no learning signal; only a KL term can move the policy there).
 
     Returns:
-        ``[B]`` advantages (empty for ``B = 0``). Refused: NaN/inf or complex rewards, rewards that are not
-        ``[B]``, a ``group_size`` that is not an int ``>= 2`` dividing ``B`` (bool included), ``eps`` NaN/inf/negative.
+        ``[B]`` advantages (empty for ``B = 0``).
+
+    Refused (``ValueError`` naming the argument): NaN/inf or complex rewards, rewards that are not ``[B]``, a
+    ``group_size`` that is not an int ``>= 2`` dividing ``B`` (bool included), ``eps`` NaN/inf/negative.
     """
     check_choice("scale", scale, ADV_SCALES, what="advantage scale")
     eps = check_real("eps", eps, lo=0.0)
@@ -99,8 +101,14 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO leave-one-out baseline (Ahmadian et al. 2024): ``A_i = R_i - mean_{j != i} R_j = G/(G-1) (R_i - mean)``.
 
-    Args: rewards ``[B]`` finite, groups of ``group_size >= 2`` (an int dividing ``B``) contiguous rows.
-    Returns ``[B]`` (empty for ``B = 0``); refused inputs as :func:`grpo_advantages`.
+    Args:
+        rewards: ``[B]`` finite real rewards, groups of ``group_size`` contiguous rows.
+        group_size: an int ``>= 2`` dividing ``B``.
+
+    Returns:
+        ``[B]`` advantages (empty for ``B = 0``).
+
+    Refused inputs as :func:`grpo_advantages`.
     """
     g = _check_rewards(rewards, group_size)
     return (_centred(g) * (group_size / (group_size - 1))).reshape(-1)
@@ -257,8 +265,13 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) 
     ``0`` if ``|y| <= L_max - L_cache``; ``((L_max - L_cache) - |y|) / L_cache`` (from 0 down to -1) if
     ``L_max - L_cache < |y| <= L_max``; ``-1`` if ``|y| > L_max``.
 
-    Args: lengths ``[B]`` response lengths (finite, ``>= 0``; a tensor or a list); ``max_length`` and
-    ``cache_length`` ints with ``0 < cache_length <= max_length``. Returns ``[B]`` float32 (empty for ``B = 0``).
+    Args:
+        lengths: ``[B]`` response lengths ``|y|`` (finite, ``>= 0``; a tensor or a list).
+        max_length: ``L_max``, an int ``> 0``.
+        cache_length: ``L_cache``, an int with ``0 < cache_length <= max_length``.
+
+    Returns:
+        ``[B]`` float32 penalties in ``[-1, 0]`` (empty for ``B = 0``).
     """
     max_length = check_int("max_length", max_length, lo=1)
     cache_length = check_int("cache_length", cache_length)

@@ -53,8 +53,10 @@ def _check_aggregate_args(
 
 
 def check_num_tokens(num_tokens, loss_agg_mode: str) -> Optional[float]:
-    """``num_tokens``: None, or a finite number ``> 0`` (a 0-dim tensor is read as its value), only under
-    ``loss_agg_mode="token-mean"``; returned as a float."""
+    """The global token normaliser ``num_tokens`` checked against ``loss_agg_mode``, returned as a float or None.
+
+    ``num_tokens`` is None, or a finite number ``> 0`` (a 0-dim tensor is read as its value) and then allowed only
+    under ``loss_agg_mode="token-mean"``; anything else is a ``ValueError`` naming ``num_tokens``."""
     num = check_optional_real("num_tokens", num_tokens, lo=0.0, lo_open=True)
     if num is not None and loss_agg_mode != "token-mean":
         raise ValueError(f"num_tokens={num!r} (a global token normaliser) only applies to loss_agg_mode='token-mean', "

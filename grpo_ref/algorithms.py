@@ -89,10 +89,10 @@ UNSCORABLE = ("refuse", "zero_advantage")
 class AlgoConfig:
     """Every knob of the loss and the advantages; validated at construction (``ValueError`` on a bad value)."""
 
-    name: str = "grpo"
+    name: str = "grpo"  # the preset's name (a label: the other fields define the algorithm)
     loss_fn: str = "grpo"  # key of LOSS_REGISTRY: "grpo" (actor only) or "ppo" (actor + critic)
     adv_estimator: str = "grpo"
-    group_size: int = 8
+    group_size: int = 8  # G, completions per prompt (the training loop copies TrainConfig.group_size here)
     adv_scale: str = "group"
     adv_eps: float = 1e-6
     whiten_advantages: bool = False  # after GAE (PPO-RLHF whitens)
@@ -418,8 +418,11 @@ def _last_token(scores: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return out
 
 
-#: The published recipes, each an :class:`AlgoConfig` of the same parts (see the table above for the names
+#: The published recipes, each an :class:`AlgoConfig` of the same parts (the module's list above gives the names
 #: TRL and verl give each field): ``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``rloo``, ``reinforce_pp``, ``ppo``.
+#: The page "The algorithms at a glance" tabulates where they differ.
+#:
+#: :meta hide-value:
 PRESETS: Dict[str, AlgoConfig] = {
     # DeepSeekMath: group std, k3 KL in the loss (beta 0.04), per-sequence token mean.
     "grpo": AlgoConfig(name="grpo"),

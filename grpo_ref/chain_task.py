@@ -237,8 +237,9 @@ class ChainSumTask:
 
     # -- supervised data -------------------------------------------------------------------------------------------
     def supervised_batch(self, problems: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt + target + EOS for teacher forcing (see :meth:`~grpo_ref.tasks.AdditionTask.supervised_batch`): ``(input_ids
-        [N, T], attention_mask [N, T], loss_mask [N, T])``, the target chosen by :meth:`uses_chain`."""
+        """Prompt + target + EOS for teacher forcing, ``(input_ids [N, T], attention_mask [N, T], loss_mask [N, T])``
+        as :meth:`AdditionTask.supervised_batch <grpo_ref.tasks.AdditionTask.supervised_batch>`; the target is the
+        chain or the bare answer, as :meth:`uses_chain` chooses."""
         problems = self._check_problems(problems)
         prompts, pmask = self.encode_prompts(problems)
         chain = self.uses_chain(problems).tolist()

@@ -277,7 +277,8 @@ def token_logprobs_and_entropy(
         logits: ``[..., V]`` any float dtype (see :func:`grpo_ref.logprobs.token_logprobs`: -inf entries allowed; NaN, +inf
             and rows that are -inf everywhere refused).
         tokens: ``[...]`` integer ids in ``[0, V)``, ``logits.shape[:-1]``.
-        temperature: ``tau``, finite ``> 0``; chunk_size: int ``>= 1`` rows per chunk (both passes).
+        temperature: ``tau``, finite ``> 0``.
+        chunk_size: an int ``>= 1``, rows per chunk (both passes).
 
     Returns:
         ``(logp, entropy)``, each ``[...]`` float32 (float64 for float64 logits), equal to

@@ -98,6 +98,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
 
     def forward(self, x, allowed, past=None):
+        """``x: [B, T_new, C]`` -> ``(x', (k, v))``: the block's output ``[B, T_new, C]`` and the attention's key/value
+        cache with the new positions appended (``allowed`` and ``past`` as in :meth:`CausalSelfAttention.forward`)."""
         a, kv = self.attn(self.ln1(x), allowed, past)
         x = x + a
         return x + self.mlp(self.ln2(x)), kv
@@ -269,6 +271,8 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_ids [B, T]`` (and an optional 0/1 ``attention_mask [B, T]``) -> values ``[B, T]``, float32 or wider:
+        ``V(s_t)`` at every position, from the backbone's last hidden states."""
         return _scalar_head(self.v_head, last_hidden_state(self.backbone, input_ids, attention_mask))
 
 

@@ -42,8 +42,8 @@ def _finish(fig, path: Optional[str]):
     return fig
 
 
-#: the x axes of :func:`series`: the training step, the cumulative sampled completions, the cumulative wall-clock
-#: seconds of the RL steps (the sum of their ``time_step_s``; the warm start is not counted)
+#: The x axes of :func:`series`, in this order the training step, the cumulative sampled completions and the
+#: cumulative wall-clock seconds of the RL steps (the sum of their ``time_step_s``; the warm start is not counted).
 X_AXES = ("step", "samples", "wall")
 X_LABELS = {"step": "training step", "samples": "sampled completions", "wall": "wall-clock time of the RL steps (s)"}
 

@@ -106,8 +106,10 @@ def policy_loss(
         advantages: ``[B]`` (one per sequence, GRPO outcome supervision) or ``[B, T]`` (treated as constant).
         mask: ``[B, T]`` response mask of 0/1 (bool, int or float).
         pg_objective: ``"clip"``, ``"cispo"`` or ``"sapo"`` (module docstring).
-        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of ``"clip"`` and ``"cispo"``,
-            ``0 < eps_low <= 1`` (1 = no lower clip), finite ``eps_high > 0``; ``eps_high=None`` means ``eps_low``.
+        eps_low: the clip range's lower side, ``r >= 1 - eps_low``, of ``"clip"`` and ``"cispo"``;
+            ``0 < eps_low <= 1`` (1 = no lower clip).
+        eps_high: its upper side, ``r <= 1 + eps_high``; finite ``> 0``, or None for ``eps_low`` (a symmetric
+            clip; DAPO's clip-higher sets it above ``eps_low``).
         dual_clip: finite ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``; None disables.
             ``"clip"`` only.
         sapo_tau_pos, sapo_tau_neg: SAPO's gate temperatures for ``A > 0`` / ``A <= 0``, finite ``> 0``
@@ -117,8 +119,8 @@ def policy_loss(
         num_tokens: None, or the global token normaliser of ``loss_agg_mode="token-mean"`` (finite ``> 0``):
             the token sum is divided by it instead of this batch's token count (TRL ``dapo``/``cispo``).
         ref_logp: ``[B, T]`` log pi_ref; needed when ``kl_coef > 0`` (constant).
-        kl_coef: finite ``beta >= 0`` of the KL term in the loss; ``kl_estimator`` one of
-            :data:`grpo_ref.kl.KL_ESTIMATORS`.
+        kl_coef: finite ``beta >= 0`` of the KL term in the loss.
+        kl_estimator: the KL term's estimator, one of :data:`grpo_ref.kl.KL_ESTIMATORS`.
         kl_ratio_weighted: multiply the KL term by the importance ratio (TRL ``use_bias_correction_kl``).
         entropy: optional ``[B, T]`` per-token entropy, only reported (the bonus is added by ``ppo_loss``/``grpo_loss``).
         max_log_ratio: finite ``> 0``; ``lp - old`` (and the GSPO mean log-ratio) is clamped to ``+-max_log_ratio``
@@ -133,9 +135,9 @@ def policy_loss(
     inputs (``kl_coef = 1e308``, advantages of ``1e38``) is refused rather than returned as inf.
 
     Returns:
-        ``(loss, metrics)``: ``loss`` a float32/64 scalar; ``metrics`` detached scalars: ``pg_loss``,
-        ``clip_frac_low`` / ``clip_frac_high``: under ``"clip"`` the share of tokens where the clip is active
-        below (``r < 1 - eps_low`` and ``A < 0``) / above (``r > 1 + eps_high`` and ``A > 0``); under ``"cispo"``
+        ``(loss, metrics)``, where ``loss`` is a float32/64 scalar and ``metrics`` a dict of detached scalars,
+        namely ``pg_loss``, ``clip_frac_low`` / ``clip_frac_high``: under ``"clip"`` the share of tokens where the
+        clip is active below (``r < 1 - eps_low`` and ``A < 0``) / above (``r > 1 + eps_high`` and ``A > 0``); under ``"cispo"``
         the share where the detached weight was clamped below / above (whatever the sign of ``A``; their sum is
         verl's ``pg_clipfrac``); 0 under ``"sapo"`` (no clip). ``dual_clip_frac``, ``approx_kl`` (k3 estimate of
         ``KL(pi_old || pi_theta)`` on the old samples), ``ratio_mean/min/max``, ``kl_ref`` (masked mean of the KL

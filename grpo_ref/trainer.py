@@ -957,7 +957,7 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def minibatch_permutation(batch_size: int, group_size: int, order: str, generator: torch.Generator) -> torch.Tensor:
-    """``[batch_size]`` row order of one epoch, to be cut into minibatches with ``chunk``. ``order="rows"``: a uniform
+    """``[batch_size]`` row order of one epoch, to be cut into minibatches with ``torch.chunk``. ``order="rows"``: a uniform
     permutation of the rows. ``order="groups"``: a uniform permutation of the groups (rows ``g*G .. g*G+G-1``), each
     group's rows kept together in their order (a batch that is not whole groups falls back to rows). Both draw from
     ``generator``."""

@@ -12,9 +12,9 @@ Fast checks on the sources (no browser):
   (``repository.url``) at the version the book was built from (``grpo_ref.__version__``).
 
 Slow check (``test_built_pages_cut_nothing``): the book is built into a temporary folder and every page is
-rendered in headless Chromium at 1280 and 400 px. A display equation, table, code block or image fails the test
-when it is cut (content wider than an element that does not scroll), when it sticks out of the text column, or
-when the page itself scrolls sideways. A container that scrolls sideways is allowed on the phone (400 px) and
+rendered in headless Chromium at 1280 and 400 px. A display equation, an inline formula (which cannot wrap), a
+table, code block or image fails the test when it is cut (content wider than an element that does not scroll),
+when it sticks out of the text column, or when the page itself scrolls sideways. A container that scrolls sideways is allowed on the phone (400 px) and
 nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium binary (the system
 package ``chromium``, found on PATH or at /usr/bin/chromium; ``CHROMIUM`` overrides): without them it is skipped
 with the reason. ``BOOK_LAYOUT_HTML=<folder of a build>`` checks that build instead of building.
@@ -291,6 +291,7 @@ CHECK_JS = r"""
     return s + ' "' + (el.textContent || '').replace(/\s+/g, ' ').trim().slice(0, 70) + '"';
   };
   const kindOf = (el) => {
+    if (el.matches('mjx-container:not([display="true"])')) return 'inline math';
     if (el.matches('div.math, mjx-container')) return 'math';
     if (el.matches('table')) return 'table';
     if (el.matches('img')) return 'image';
@@ -304,12 +305,14 @@ CHECK_JS = r"""
     seen.add(key);
     problems.push({kind, problem, excess: Math.round(excess), element: label(el)});
   };
-  const SEL = 'div.math, mjx-container[display="true"], table, pre, img, code.literal, .caption-text';
+  // Inline math cannot wrap: a formula wider than the column sticks out of it (unless it sits in a scrolling table).
+  const SEL = 'div.math, mjx-container, table, pre, img, code.literal, .caption-text';
   for (const el of col.querySelectorAll(SEL)) {
     if (!el.getClientRects().length) continue;  // not displayed (a collapsed input, a hidden tab)
     const kind = kindOf(el);
     const excess = el.scrollWidth - el.clientWidth;
-    if (excess > 1 && kind !== 'image' && kind !== 'text') report(el, kind, scrolls(el) ? 'scrolls' : 'cut', excess);
+    const inline = kind === 'image' || kind === 'text' || kind === 'inline math';  // no box of their own to overflow
+    if (excess > 1 && !inline) report(el, kind, scrolls(el) ? 'scrolls' : 'cut', excess);
     const r = el.getBoundingClientRect();
     const beyond = Math.max(r.right - colRect.right, colRect.left - r.left);
     if (beyond > 1) {

@@ -42,6 +42,8 @@ TRL_VERSION = "1.16.0"
 TRL_ADV_EPS = 1e-4
 
 #: TRL 1.16.0 ``GRPOConfig`` defaults of the fields the translator reads (``TrainingArguments`` ones included).
+#:
+#: :meta hide-value:
 TRL_DEFAULTS: Dict[str, Any] = {
     "loss_type": "dapo",
     "beta": 0.0,
@@ -100,7 +102,10 @@ TRL_DEFAULTS: Dict[str, Any] = {
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 _F = FieldMapping
-#: One row per loss-relevant ``GRPOConfig`` field (``loss_type`` one row per value), next to grpo_ref's.
+#: One row per loss-relevant ``GRPOConfig`` field (``loss_type`` one row per value), next to grpo_ref's; the
+#: page "Check your TRL or verl configuration" prints them as a list.
+#:
+#: :meta hide-value:
 FIELDS: List[FieldMapping] = [
     _F("loss_type=grpo", "pg_objective='clip', loss_agg_mode='seq-mean-token-mean'", "mapped",
        "per-sequence token mean, then the mean over sequences"),

@@ -156,7 +156,10 @@ def _row(field: str, grpo_ref: str, status: str, note: str = "") -> FieldMapping
     return FieldMapping(field, grpo_ref, status, note)
 
 
-#: One row per loss-relevant verl 0.9.1 field (per value where a field selects an algorithm).
+#: One row per loss-relevant verl 0.9.1 field (per value where a field selects an algorithm); the page "Check
+#: your TRL or verl configuration" prints them as a list.
+#:
+#: :meta hide-value:
 FIELDS: List[FieldMapping] = [
     # advantages
     _row(ALG + "adv_estimator=grpo", "adv_estimator='grpo'", "exact",

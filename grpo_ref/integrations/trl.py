@@ -70,6 +70,8 @@ __all__ = ["TRL_LOSS_FIELDS", "check_algo_for_trl", "grpo_ref_trainer_class", "m
 
 #: ``GRPOConfig`` fields (TRL 1.16.0) read only by ``GRPOTrainer._compute_loss``; ``GRPORefTrainer`` replaces that
 #: method, so each must keep TRL's default. Value: what to set in :class:`~grpo_ref.algorithms.AlgoConfig` instead.
+#:
+#: :meta hide-value:
 TRL_LOSS_FIELDS: Dict[str, str] = {
     "loss_type": "loss_agg_mode (and global_token_norm for TRL's 'dapo'), pg_objective for 'cispo'/'sapo'",
     "epsilon": "eps_low",
