@@ -91,12 +91,15 @@ def plot_run(run: Run, path: Optional[str] = None, title: str = "", panels: Sequ
     # two columns, 7.2 in wide: drawn for a page's text column (and a phone), so labels are not shrunk to a few pixels
     cols = min(2, len(present))
     rows = (len(present) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.5 * rows), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, present, strict=False):
+    # each panel titled with its metric at the body's size (a y label would have to be small to fit); the x axis is
+    # labelled under the lowest panel of each column only
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.3 * rows), squeeze=False)
+    for i, (ax, (key, label)) in enumerate(zip(axes.flat, present, strict=False)):
         xs, ys = series(run, key, x)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_xlabel(X_LABELS[x])
-        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(label, fontsize=10)
+        if i + cols >= len(present):
+            ax.set_xlabel(X_LABELS[x])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")

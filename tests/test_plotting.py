@@ -1,7 +1,7 @@
 """The plotting helpers: what ``series`` extracts, and that the figures draw exactly those points."""
 import pytest
 
-from grpo_ref.plotting import available_metrics, compare_runs, plot_run, series
+from grpo_ref.plotting import DEFAULT_PANELS, available_metrics, compare_runs, plot_run, series
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -43,6 +43,11 @@ def test_plot_run_draws_the_present_metrics_and_saves(tmp_path):
         assert len(drawn) == 3  # eval_accuracy, reward_mean, clip_frac; the other default panels are absent
         xs, ys = drawn[0].lines[0].get_data()
         assert list(xs) == [0, 2] and list(ys) == [0.2, 0.5]
+        labels = dict(DEFAULT_PANELS)
+        # each panel is titled with its metric at a readable size; the x axis is named under each column's lowest
+        assert [ax.get_title() for ax in drawn] == [labels["eval_accuracy"], labels["reward_mean"], labels["clip_frac"]]
+        assert all(ax.title.get_fontsize() >= 10 for ax in drawn)
+        assert [bool(ax.get_xlabel()) for ax in drawn] == [False, True, True]
     finally:
         plt.close(fig)
 

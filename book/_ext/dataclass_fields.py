@@ -3,7 +3,8 @@
 autodoc lists every field of a dataclass as an attribute, and with no doc comment each entry is a bare
 ``name: type = default`` repeating the signature. This extension gives the fields of ``TrainConfig`` and
 ``AlgoConfig`` the help text the command line shows for them (``grpo_ref.__main__.field_help``: one source for
-both), and leaves out the fields of the other dataclasses, whose class docstrings describe them.
+both), and leaves out the fields of the other dataclasses, whose class docstrings describe them. A field with a
+``default_factory`` shows the value the factory makes (``algo_overrides={}``), not autodoc's ``<factory>``.
 """
 import dataclasses
 import sys
@@ -66,8 +67,18 @@ def _skip_member(app, what, name, obj, skip, options):
     return True
 
 
+def _factory_defaults(app, what, name, obj, options, signature, return_annotation):
+    if what != "class" or not signature or not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+        return None
+    for f in dataclasses.fields(obj):
+        if f.default_factory is not dataclasses.MISSING:
+            signature = signature.replace(f"{f.name}=<factory>", f"{f.name}={f.default_factory()!r}")
+    return signature, return_annotation
+
+
 def setup(app):
     app.setup_extension("sphinx.ext.autodoc")
     app.add_autodocumenter(HelpedFieldDocumenter)
     app.connect("autodoc-skip-member", _skip_member)
+    app.connect("autodoc-process-signature", _factory_defaults)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
