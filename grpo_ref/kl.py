@@ -90,8 +90,10 @@ def _abs(logp, ref_logp, max_log_ratio):
     return _log_ratio(logp, ref_logp, max_log_ratio).abs()
 
 
-#: The two guards of verl 0.9.1's kl_penalty_forward for low_var_kl, the log-ratio clamp and the value clamp.
+#: The first guard of verl 0.9.1's ``kl_penalty_forward`` for ``low_var_kl``, which clamps ``ref - lp`` to
+#: ``[-20, 20]`` before ``exp``.
 LOW_VAR_KL_LOG_RATIO_CLAMP = 20.0
+#: The second guard, which clamps the k3 value to ``[-10, 10]`` (verl 0.9.1 ``kl_penalty_forward``).
 LOW_VAR_KL_VALUE_CLAMP = 10.0
 
 
@@ -117,7 +119,8 @@ for _name, _base in list(_ESTIMATORS.items()):
         _ESTIMATORS[f"{_name}+"].__name__ = f"{_base.__name__}_straight_through"
         _ESTIMATORS[f"{_name}+"].__doc__ = _straight_through.__doc__
 del _name, _base
-#: "k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "low_var_kl+"
+#: The names ``kl_estimator`` accepts, the five estimators and the straight-through forms ``k1+``, ``k3+``,
+#: ``abs+``, ``low_var_kl+`` (the base estimator's value with k2's gradient, verl 0.9.1's ``+`` suffix).
 KL_ESTIMATORS = tuple(_ESTIMATORS)
 
 _REFUSED = """Refused (``ValueError`` naming the argument): complex or bool tensors, unequal shapes, NaN/inf anywhere in

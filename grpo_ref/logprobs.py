@@ -93,7 +93,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     Args:
         logits: ``[..., V]`` floating point; divided by ``temperature`` first. -inf entries are allowed (they
             contribute 0); NaN, +inf and rows that are -inf everywhere are refused.
-        temperature, chunk_size: as in :func:`token_logprobs` (finite ``> 0``; int ``>= 1``).
+        temperature: as in :func:`token_logprobs`, finite ``> 0``.
+        chunk_size: as in :func:`token_logprobs`, an int ``>= 1``.
     Returns:
         ``[...]`` float32 (float64 for float64 input) entropies in nats, differentiable; empty for empty input.
     """

@@ -51,8 +51,9 @@ def response_mask(
         seq_len: ``T``, an int ``>= 0``.
         prompt_lengths: ``[B]`` integer lengths in ``[0, T]`` (a tensor or a list; float lengths are refused).
         total_lengths: optional ``[B]`` integer lengths, ``prompt_lengths <= total_lengths <= T``.
-        tokens: optional ``[B, T]`` integer ids, needed with ``eos_token_id`` (an int); ``tokens`` without
+        tokens: optional ``[B, T]`` integer ids, needed with ``eos_token_id``; ``tokens`` without
             ``eos_token_id`` is ignored.
+        eos_token_id: optional int; a row's response ends with (and keeps) its first EOS at or after the prompt.
     Returns:
         ``[B, T]`` float32 mask of 0/1 (``B = 0`` or ``T = 0`` give an empty mask).
     """
@@ -169,8 +170,10 @@ def masked_whiten(
     PPO-RLHF implementations offer for rewards.
 
     Args:
-        values, mask: ``[B, T]`` (any equal shapes); refused inputs as :func:`masked_sum`.
-        shift_mean, unbiased: bools.
+        values: ``[B, T]`` (any shape equal to ``mask``'s); refused inputs as :func:`masked_sum`.
+        mask: ``[B, T]`` of 0/1.
+        shift_mean: subtract the mean (True), or rescale only and add the mean back (False).
+        unbiased: the Bessel-corrected variance (verl) or the biased one (OpenRLHF).
         eps: finite and ``>= 0``; with ``eps = 0`` a constant input (variance 0) whitens to 0, not ``0 / 0``.
     Returns:
         same shape, float32 or float64.

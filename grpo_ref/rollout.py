@@ -117,11 +117,17 @@ def generate(
 
     Args:
         model: any causal LM (see :func:`grpo_ref.model.lm_logits`).
-        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts and their 0/1 mask.
+        prompt_ids: ``[B, P]`` integer ids of the prompts, left-padded.
+        prompt_mask: ``[B, P]`` their 0/1 mask (0 on the left padding).
+        max_new_tokens: an int ``>= 1``, the most tokens sampled per row.
+        eos_id: the token that ends a row (kept, and its log-prob returned).
+        pad_id: the token written after a row's EOS.
         temperature: ``tau > 0``; the log-probs returned are those of ``softmax(z / tau)`` (also when greedy).
-        top_k, top_p, min_p: the sampling filters of Hugging Face ``generate``, applied after the temperature
-            (:func:`filter_logits`); the defaults ``0, 1.0, 0.0`` switch them off and give exactly the samples of the
-            unfiltered sampler. Ignored when ``greedy`` (the argmax is always kept).
+        top_k: keep the ``k`` most likely tokens (0 = off).
+        top_p: keep the smallest set of most likely tokens with probability ``>= p``, ``p`` in ``(0, 1]`` (1 = off).
+        min_p: drop tokens with probability below ``min_p`` times the top token's, in ``[0, 1]`` (0 = off). The three
+            filters are Hugging Face ``generate``'s, applied after the temperature (:func:`filter_logits`); at their
+            defaults the samples are exactly the unfiltered sampler's. Ignored when ``greedy`` (the argmax is kept).
         greedy: take the argmax instead of sampling (evaluation).
         generator: the ``torch.Generator`` the draws come from (on the model's device); None = torch's global RNG.
         use_cache: reuse keys/values of the prefix (models with ``supports_kv_cache``, i.e. :class:`~grpo_ref.model.TinyGPT`);
@@ -233,7 +239,7 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """``[B, P + N]``: the prompt mask, then the response mask (EOS included, padding after it excluded)."""
+        """``[B, P + N]``, the prompt mask then the response mask (EOS included, padding after it excluded)."""
         return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
 
     def select(self, rows: torch.Tensor) -> "Rollout":
@@ -288,13 +294,21 @@ def rollout(
         task: an object with ``encode_prompts(pairs) -> (ids, mask)``, ``score(pairs, responses) -> (rewards,
             correct)`` and ``tokenizer.eos_id / pad_id`` (e.g. :class:`~grpo_ref.tasks.AdditionTask`).
         pairs: ``[n_prompts, ...]`` prompt data of the task.
+        group_size: an int ``>= 1``, completions per prompt (contiguous rows).
+        max_new_tokens: the most tokens sampled per completion.
+        temperature: ``tau > 0`` of the sampling and of the returned log-probs.
+        generator: the ``torch.Generator`` of the draws; None = torch's global RNG.
         truncation: what to do with completions that hit ``max_new_tokens`` without EOS: ``"keep"`` (train on
             them with the task's reward, 0 for the addition task), ``"mask"`` (zero their ``loss_mask``: no
             gradient from them, TRL's ``mask_truncated_completions``; their reward still enters the group
             statistics) or ``"penalize"`` (their reward becomes ``truncation_reward``).
+        truncation_reward: the reward of a truncated completion under ``"penalize"``; finite.
         device: where the batch goes; default the model's device.
-        top_k, top_p, min_p: sampling filters after the temperature (:func:`generate`, :func:`filter_logits`);
-            ``sample_logp`` stays ``log softmax(z / tau)`` over the full vocabulary (see :func:`generate`).
+        use_cache: as in :func:`generate`.
+        top_k: as in :func:`generate` (0 = off).
+        top_p: as in :func:`generate` (1 = off).
+        min_p: as in :func:`generate` (0 = off). With a filter on, ``sample_logp`` stays ``log softmax(z / tau)``
+            over the full vocabulary (see :func:`generate`).
     Returns:
         :class:`Rollout` with ``B = n_prompts * group_size`` rows.
 

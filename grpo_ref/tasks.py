@@ -215,7 +215,7 @@ class AdditionTask:
             pairs: ``[N, 2]`` operands.
             responses: ``[N, L]`` response token ids (right-padded; may or may not contain EOS).
         Returns:
-            ``(rewards [N] float32, correct [N] bool)``: ``1 + format_reward`` if right, ``format_reward`` if a
+            ``(rewards [N] float32, correct [N] bool)``, the reward ``1 + format_reward`` if right, ``format_reward`` if a
             well-formed number ended by EOS but wrong, 0 otherwise (no EOS, a special or non-digit token inside).
         """
         pairs = self._check_pairs(pairs)

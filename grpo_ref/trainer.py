@@ -195,7 +195,7 @@ class TrainConfig:
     """
 
     algo: str = "grpo"
-    algo_overrides: Dict[str, Any] = field(default_factory=dict)
+    algo_overrides: Dict[str, Any] = field(default_factory=dict)  # fields of the preset to change, {name: value}
     group_size: int = 4
     prompts_per_step: int = 64
     steps: int = 1000

@@ -43,7 +43,9 @@ class HelpedFieldDocumenter(AttributeDocumenter):
         text = field_help(self.parent, self.objpath[-1])
         if not text:
             return super().get_doc()
-        return [[text[0].upper() + text[1:] + ("" if text.endswith(".") else "."), ""]]
+        # as written (a flag's "--" escaped so that it is not typeset as a dash), ended with a full stop
+        text = text.replace("--", "\\-\\-")
+        return [[text + ("" if text.endswith(".") else "."), ""]]
 
 
 def _class_being_documented():
