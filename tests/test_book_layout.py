@@ -326,6 +326,11 @@ CHECK_JS = r"""
       }
     }
   }
+  // the theme's Previous / Next links hide what does not fit them (overflow hidden): a long title cut its chevron
+  for (const a of document.querySelectorAll('.prev-next-area a')) {
+    const excess = a.scrollWidth - a.clientWidth;
+    if (excess > 1) report(a, 'link', 'cut', excess);
+  }
   const de = document.documentElement;
   const pageExcess = de.scrollWidth - window.innerWidth;
   if (pageExcess > 1) {
