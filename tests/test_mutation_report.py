@@ -34,6 +34,24 @@ def _defined_names(path: Path) -> set:
     return names
 
 
+def _old_sides(change: str, source: str) -> list[str]:
+    """The old side of each hunk of ``change`` ("old  ->  new", hunks joined by " | "). Code may hold " | " itself
+    (a bitwise or), so between two arrows the hunk boundary is the " | " after which the next old side is source."""
+    parts = change.split("  ->  ")
+    olds = [parts[0]]
+    for middle in parts[1:-1]:
+        cuts = [i for i in range(len(middle)) if middle.startswith(" | ", i)]
+        nexts = [middle[i + 3:] for i in cuts]
+        olds.append(next((o for o in nexts if o in source), nexts[-1] if nexts else middle))
+    return olds
+
+
+def test_old_sides_split_hunks_not_bitwise_ors():
+    src = "a = x | y / b = 1"
+    assert _old_sides("a = x | y  ->  a = x | z", src) == ["a = x | y"]
+    assert _old_sides("a = x | y  ->  a = x | z | b = 1  ->  b = 2", src) == ["a = x | y", "b = 1"]
+
+
 def test_every_equivalent_mutant_names_live_code_and_gives_a_reason():
     entries = report.read_equivalents()
     assert entries, "the list is empty"
@@ -45,8 +63,8 @@ def test_every_equivalent_mutant_names_live_code_and_gives_a_reason():
         assert name in _defined_names(path), f"{function}: no such function in {path.name}"
         # the hunks' old sides are runs of stripped source lines joined by " / " (report.change)
         source = " / ".join(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-        for hunk in change.split(" | "):
-            old = hunk.split("  ->  ")[0].replace(f"def {name}(", f"def {name.removeprefix('x_')}(")  # mutmut's x_
+        for old in _old_sides(change, source):
+            old = old.replace(f"def {name}(", f"def {name.removeprefix('x_')}(")  # mutmut's x_
             assert old in source, f"{function}: {old!r} is no longer in {path.name} (stale entry)"
         assert len(reason.split()) >= 4, f"{function} {change!r}: the reason is too short: {reason!r}"
 
