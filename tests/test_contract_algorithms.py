@@ -20,11 +20,11 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import fields
 
 import pytest
 import torch
+from refusals import refused
 
 import grpo_ref as G
 from grpo_ref.aggregation import LOSS_AGG_MODES
@@ -34,20 +34,6 @@ from grpo_ref.surrogate import PG_OBJECTIVES
 
 F64 = torch.float64
 TINY = 1e-9  # "just past" a bound
-
-
-def names(msg: str, arg: str) -> bool:
-    """``arg`` appears in ``msg`` as a whole, case-sensitive word."""
-    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", msg) is not None
-
-
-def refused(call, *words: str) -> str:
-    with pytest.raises(ValueError) as err:
-        call()
-    msg = str(err.value)
-    for w in words:
-        assert names(msg, w), f"{w!r} not named in {msg!r}"
-    return msg
 
 
 # ------------------------------------------------------------------------------------------- presets = sources
