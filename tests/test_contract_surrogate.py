@@ -235,6 +235,35 @@ def test_max_log_ratio_default_is_twenty():
     assert float(metrics["ratio_min"]) == math.exp(20.5)
 
 
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_max_log_ratio_clamps_from_below_too(ratio_level):
+    """``lp - old`` is clamped to ``-max_log_ratio`` from below as well: a token 30 nats less likely under the
+    current policy reports ``r = exp(-20)`` and ``approx_kl = expm1(-20) + 20``, and (the clamp being active) gets
+    no gradient, while its unclamped neighbour does."""
+    lp = torch.tensor([[-31.0, -1.0]], dtype=DT, requires_grad=True)
+    old = torch.tensor([[-1.0, -1.5]], dtype=DT)  # log-ratios -30 (beyond the bound) and +0.5
+    m = torch.ones(1, 2, dtype=DT)
+    loss, metrics = policy_loss(lp, old, torch.tensor([1.0], dtype=DT), m, ratio_level=ratio_level, eps_low=1.0,
+                                eps_high=10.0)
+    loss.backward()
+    assert lp.grad[0, 0].item() == 0.0 and lp.grad[0, 1].item() != 0.0
+    assert float(metrics["approx_kl"]) == pytest.approx(((math.expm1(-20.0) + 20.0) + (math.expm1(0.5) - 0.5)) / 2)
+    if ratio_level == "token":
+        assert float(metrics["ratio_min"]) == math.exp(-20.0)
+    else:  # the GSPO ratio is the exponential of the mean of the clamped log-ratios
+        assert float(metrics["ratio_min"]) == pytest.approx(math.exp((-20.0 + 0.5) / 2))
+
+
+def test_an_overflowing_loss_is_refused_as_the_policy_loss():
+    """Finite but extreme inputs that overflow the loss are refused by a ``NonFiniteInputError`` whose subject is
+    "the policy loss" and whose hint names the scaling argument."""
+    lp, old, adv, _ = _batch()
+    with pytest.raises(NonFiniteInputError) as info:  # k3 = e^3 - 3 - 1 = 16 per token: 1.6e309 > float64's max
+        policy_loss(lp, old, adv, MASK, ref_logp=lp + 3.0, kl_coef=1e308)
+    assert info.value.name == "the policy loss"
+    assert str(info.value).startswith("the policy loss overflowed to ") and _names(str(info.value), "kl_coef")
+
+
 # ------------------------------------------------------------------------------------------------ float64
 @pytest.mark.parametrize("objective", ["clip", "cispo", "sapo"])
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
