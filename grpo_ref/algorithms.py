@@ -213,10 +213,8 @@ class LossInputs:
             if f.name == "num_tokens":
                 if value is not None:
                     check_real("LossInputs.num_tokens", value, lo=0.0, lo_open=True)
-                continue
-            if value is None and f.name not in ("logp", "old_logp", "advantages", "mask"):
-                continue
-            check_tensor(f"LossInputs.{f.name}", value)
+            elif value is not None or f.name in ("logp", "old_logp", "advantages", "mask"):
+                check_tensor(f"LossInputs.{f.name}", value)
 
 
 def _num_tokens(inp: LossInputs, cfg: AlgoConfig) -> Optional[float]:
