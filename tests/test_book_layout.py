@@ -17,7 +17,8 @@ table, code block or image fails the test when it is cut (content wider than an 
 when it sticks out of the text column, or when the page itself scrolls sideways. A container that scrolls sideways is allowed on the phone (400 px) and
 nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium binary (the system
 package ``chromium``, found on PATH or at /usr/bin/chromium; ``CHROMIUM`` overrides): without them it is skipped
-with the reason. ``BOOK_LAYOUT_HTML=<folder of a build>`` checks that build instead of building.
+with the reason, unless ``BOOK_LAYOUT_REQUIRE_BROWSER`` is set (as ``.ci/run`` does): then it fails.
+``BOOK_LAYOUT_HTML=<folder of a build>`` checks that build instead of building.
 """
 from __future__ import annotations
 
@@ -401,7 +402,10 @@ def test_built_pages_cut_nothing(built_book: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements.txt)")
     chromium = _chromium()
     if chromium is None:
-        pytest.skip("no Chromium binary (system package 'chromium'; or set CHROMIUM=/path/to/chrome)")
+        why = "no Chromium binary (system package 'chromium'; or set CHROMIUM=/path/to/chrome)"
+        if os.environ.get("BOOK_LAYOUT_REQUIRE_BROWSER"):  # .ci/run installs Chromium and sets it: never skipped there
+            pytest.fail(why)
+        pytest.skip(why)
     pages = _pages(built_book)
     assert len(pages) >= 5, f"the build has only {pages}"
     failures = []
