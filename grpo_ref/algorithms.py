@@ -185,6 +185,7 @@ class AlgoConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> Dict:
+        """The fields as a plain dict (``dataclasses.asdict``), as stored in a run's ``config.json``."""
         return asdict(self)
 
 

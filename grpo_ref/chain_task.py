@@ -76,13 +76,16 @@ class ChainSumTask:
 
     @property
     def max_new_tokens(self) -> int:
+        """The sampling budget, ``max_response_tokens``: room for a full chain of partial sums and EOS."""
         return self.max_response_tokens
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (digits, ``+``, ``=``, ``;`` and the three special ids)."""
         return self.tokenizer.vocab_size
 
     def to_dict(self) -> Dict:
+        """The task's fields as a plain dict (``dataclasses.asdict``), as stored in a checkpoint's config."""
         return asdict(self)
 
     # -- problems --------------------------------------------------------------------------------------------------
@@ -135,9 +138,11 @@ class ChainSumTask:
 
     @staticmethod
     def terms(problem: List[int]) -> List[int]:
+        """The digits of one problem row, its padding dropped."""
         return [d for d in problem if d != PAD]
 
     def prompt_text(self, problem: List[int]) -> str:
+        """``"d1+d2+...="`` for one problem row."""
         return "+".join(str(d) for d in self.terms(problem)) + "="
 
     def encode_prompts(self, problems: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

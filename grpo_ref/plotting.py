@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 Run = List[Dict[str, float]]
 
-# (metric, y-axis label) of the default dashboard
+#: The ``(metric, y-axis label)`` pairs of :func:`plot_run`'s default dashboard, one panel each, in this order.
 DEFAULT_PANELS: Tuple[Tuple[str, str], ...] = (
     ("eval_accuracy", "eval accuracy (greedy)"),
     ("reward_mean", "mean reward of samples"),

@@ -23,7 +23,12 @@ from ._checks import check_bool, check_dim, check_ids, check_int, check_real, ch
 class CharTokenizer:
     """Character-level tokenizer: ids 0, 1, 2 are ``pad``, ``bos``, ``eos``; then one id per character."""
 
-    pad_id, bos_id, eos_id = 0, 1, 2
+    #: Id of the padding token (left of prompts, right of responses), never a target.
+    pad_id = 0
+    #: Id of the begin-of-sequence token that starts every prompt.
+    bos_id = 1
+    #: Id of the end-of-sequence token that ends a well-formed response.
+    eos_id = 2
 
     def __init__(self, chars: str = "0123456789+="):
         if not isinstance(chars, str) or not chars:
@@ -36,9 +41,12 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """The three special ids plus one per character."""
         return len(self.chars) + 3
 
     def encode(self, text: str) -> List[int]:
+        """The ids of ``text``'s characters, no special token added; a character outside ``chars`` is a
+        ``ValueError`` that lists the unknown ones."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         bad = sorted(set(text) - set(self.stoi))
@@ -128,10 +136,12 @@ class AdditionTask:
     # -- sizes ---------------------------------------------------------------------------------------------------
     @property
     def base(self) -> int:
+        """``10**n_digits``, one more than the largest operand."""
         return 10**self.n_digits
 
     @property
     def max_answer_digits(self) -> int:
+        """Digits of the largest sum, ``n_digits + 1`` (a carry out of the top digit)."""
         return self.n_digits + 1
 
     @property
@@ -146,9 +156,11 @@ class AdditionTask:
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, the model's ``vocab_size``."""
         return self.tokenizer.vocab_size
 
     def to_dict(self) -> Dict:
+        """The task's fields as a plain dict (``dataclasses.asdict``), as stored in a checkpoint's config."""
         return asdict(self)
 
     # -- prompts ---------------------------------------------------------------------------------------------------

@@ -70,10 +70,11 @@ def _progress_bar(**kwargs):
         return tqdm(**kwargs)
     return None
 
-# Metrics that measure time: they differ between two runs of the same seed, everything else must not.
+#: The metrics that measure time, which differ between two runs of the same seed (every other metric must not).
 TIME_METRICS = ("time_step_s", "time_rollout_s", "tokens_per_s")
 
 
+#: The default note of a :class:`NonFiniteError`, for a failure caught and rolled back before the step took effect.
 STEP_UNDONE = "the step was undone: weights, optimizers, random generators and step count are as before it"
 
 
@@ -298,10 +299,13 @@ class TrainConfig:
         return get_preset(self.algo, group_size=self.group_size, **self.algo_overrides)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as a plain dict (``dataclasses.asdict``), as written to ``config.json`` and checkpoints."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """The inverse of :meth:`to_dict`; an unknown key is a ``ValueError`` that lists it, a missing one takes
+        its default."""
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}")

@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional
 from ..algorithms import AlgoConfig
 from ._common import FieldMapping, Translation, UnsupportedSetting, check_statuses
 
-__all__ = ["FIELDS", "from_verl", "to_verl", "VERL_VERSION"]
+__all__ = ["DEFAULTS", "FIELDS", "from_verl", "to_verl", "VERL_VERSION"]
 
 VERL_VERSION = "0.9.1"
 
@@ -64,7 +64,10 @@ R = "actor_rollout_ref.rollout."
 ALG = "algorithm."
 CRITIC = "critic."
 
-# verl 0.9.1 defaults (verl/trainer/config/_generated_ppo_trainer.yaml; ActorConfig, AlgoConfig, KLControlConfig)
+#: verl 0.9.1 defaults of the fields the translator reads, by flat dotted key (as in
+#: ``verl/trainer/config/_generated_ppo_trainer.yaml`` and verl's ActorConfig, AlgoConfig, KLControlConfig).
+#:
+#: :meta hide-value:
 DEFAULTS: Dict[str, Any] = {
     ALG + "adv_estimator": "gae",
     ALG + "norm_adv_by_std_in_grpo": True,
@@ -370,10 +373,10 @@ def from_verl(config: Any) -> Translation:
             defaults (``DEFAULTS``).
 
     Returns:
-        a :class:`~grpo_ref.compat.Translation`: ``algo`` whose loss and advantages equal verl's (see the module
-        docstring for what is checked), ``train`` (keys of :class:`~grpo_ref.trainer.TrainConfig`: group_size,
+        A :class:`~grpo_ref.compat.Translation` of ``algo``, whose loss and advantages equal verl's (see the
+        module docstring for what is checked), ``train`` (keys of :class:`~grpo_ref.trainer.TrainConfig`: group_size,
         ppo_epochs, minibatches, prompts_per_step, temperature, top_p, top_k, max_new_tokens, lr, critic_lr,
-        max_grad_norm, filter_rounds, where given), ``notes`` (differences that remain).
+        max_grad_norm, filter_rounds, where given) and ``notes`` (differences that remain).
 
     Raises:
         UnsupportedSetting: a setting that changes verl's loss and has no grpo_ref equivalent (the message names
