@@ -18,7 +18,8 @@ on the seed only, so it is trained once per seed and copied into every run of th
 Run it on an otherwise idle machine, or as two shards on two cores with one thread each (``--algos`` split
 between them, then ``--merge``): other jobs on the same core slow the steps down, so the load average is printed
 before and after every run. Prints the accuracy curve of every run and a summary table, and writes them to
-benchmarks/results/train_accuracy.txt (curves as JSON in train_accuracy_curves.json beside it).
+benchmarks/results/train_accuracy.txt (curves as JSON in train_accuracy_curves.json beside it; ``--out X.txt`` writes
+``X_curves.json``, so two shards may share a folder).
 """
 from __future__ import annotations
 
@@ -115,6 +116,19 @@ def summarize(results: list, budget_s: float, target: float, log) -> None:
         log(f"{label:26s} {len(ok):>5d}/{len(rs):<2d} {len(in_budget):>5d}/{len(rs):<2d} {med_s} {med_n}  " + "; ".join(cells))
 
 
+def curves_file(out: str) -> str:
+    """The JSON curves beside a log: ``X.txt`` -> ``X_curves.json`` (two shards in one folder keep theirs apart)."""
+    base = os.path.abspath(out)
+    return (base[:-4] if base.endswith(".txt") else base) + "_curves.json"
+
+
+def log_file(curves: str) -> str:
+    """The log a curves file was written beside (the inverse of :func:`curves_file`)."""
+    if not curves.endswith("_curves.json"):
+        raise ValueError(f"--merge takes the *_curves.json files of shards, got {curves!r}")
+    return curves[: -len("_curves.json")] + ".txt"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--algos", nargs="+", default=["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo",
@@ -131,7 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only write the summary of these shards' curve files")
     args = ap.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    curves_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "train_accuracy_curves.json")
+    curves_path = curves_file(args.out)
     out = open(args.out, "w")
 
     def log(line: str) -> None:
@@ -144,7 +158,7 @@ def main(argv=None) -> None:
         for path in args.merge:
             with open(path) as fh:
                 results += json.load(fh)
-            with open(os.path.join(os.path.dirname(path), "train_accuracy.txt")) as fh:  # the shard's log
+            with open(log_file(path)) as fh:  # the shard's log
                 texts.append(fh.read().split("\nsummary:")[0].rstrip("\n"))
         for text in texts:
             log(text)

@@ -63,7 +63,7 @@ def test_train_accuracy_smoke_run_writes_what_chapter_3_reads(tmp_path):
     # target 0: reached at the first evaluation; one step of GRPO on 4 prompts
     run_script("train_accuracy.py", "--algos", "grpo", "--seeds", "0", "--target", "0.0", "--prompts", "4",
                "--eval-every", "1", "--warm-max-steps", "5", "--threads", "1", "--out", str(out))
-    (fresh,) = json.loads((tmp_path / "train_accuracy_curves.json").read_text())
+    (fresh,) = json.loads((tmp_path / "acc_curves.json").read_text())
     assert fresh["reached"] and fresh["steps"] == 1 and fresh["samples"] == 4 * 4
     assert "summary" in out.read_text()
     full = committed("train_accuracy_curves.json")
