@@ -14,8 +14,9 @@ Fast checks on the sources (no browser):
 Slow check (``test_built_pages_cut_nothing``): the book is built into a temporary folder and every page is
 rendered in headless Chromium at 1280 and 400 px. A display equation, an inline formula (which cannot wrap), a
 table, code block or image fails the test when it is cut (content wider than an element that does not scroll),
-when it sticks out of the text column, or when the page itself scrolls sideways. A container that scrolls sideways is allowed on the phone (400 px) and
-nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium binary (the system
+when it sticks out of the text column, or when the page itself scrolls sideways; an identifier in the page's contents
+(the right-hand sidebar) fails it when it wraps in the middle of a word rather than after ``_`` or ``.``. A container
+that scrolls sideways is allowed on the phone (400 px) and nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium binary (the system
 package ``chromium``, found on PATH or at /usr/bin/chromium; ``CHROMIUM`` overrides): without them it is skipped
 with the reason, unless ``BOOK_LAYOUT_REQUIRE_BROWSER`` is set (as ``.ci/run`` does): then it fails.
 ``BOOK_LAYOUT_HTML=<folder of a build>`` checks that build instead of building.
@@ -326,6 +327,24 @@ CHECK_JS = r"""
         report(el, kind, 'sticks out of the text column', beyond);
       }
     }
+  }
+  // the page's contents (right-hand sidebar): a long identifier wraps after "_" or "." only (code_flags.js puts a
+  // break opportunity there), never in the middle of a word; found by the line each character lands on
+  for (const code of document.querySelectorAll('nav.page-toc code.literal')) {
+    if (code.getClientRects().length < 2) continue;  // hidden (phone) or on one line
+    const chars = [];
+    const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+    for (let t = walker.nextNode(); t; t = walker.nextNode()) {
+      for (let i = 0; i < t.length; i++) {
+        const range = document.createRange();
+        range.setStart(t, i);
+        range.setEnd(t, i + 1);
+        const box = range.getBoundingClientRect();
+        if (box.width || box.height) chars.push([t.data[i], box.top]);
+      }
+    }
+    const at = chars.findIndex((c, i) => i > 0 && c[1] > chars[i - 1][1] + 2 && !/[_.\s]/.test(chars[i - 1][0]));
+    if (at > 0) report(code, 'contents', 'breaks mid-word', 0);
   }
   // the theme's Previous / Next links hide what does not fit them (overflow hidden): a long title cut its chevron
   for (const a of document.querySelectorAll('.prev-next-area a')) {

@@ -1,9 +1,16 @@
-// The book's only script: a short command-line flag in inline code (`--resume`, `-n 2`) is kept on one line, so a
-// line break never falls after its leading dashes ("--" / "resume"). Longer code keeps the theme's wrapping, so a
-// long key still fits a phone's column.
+// The book's only script. (1) A short command-line flag in inline code (`--resume`, `-n 2`) is kept on one line, so
+// a line break never falls after its leading dashes ("--" / "resume"). Longer code keeps the theme's wrapping, so a
+// long key still fits a phone's column. (2) In the page's contents (the right-hand sidebar), a long identifier such
+// as token_logprobs_and_entropy_from_hidden() breaks after an underscore or a dot, not in the middle of a word:
+// a break opportunity (<wbr>) follows each of them, and layout.css lets the entries break only there.
 document.addEventListener("DOMContentLoaded", () => {
   for (const span of document.querySelectorAll("code.literal span.pre")) {
     const text = span.textContent;
     if (text.startsWith("-") && text.length <= 32) span.style.whiteSpace = "nowrap";
+  }
+  for (const span of document.querySelectorAll("nav.page-toc code span.pre")) {
+    const parts = span.textContent.split(/(?<=[_.])/);
+    if (parts.length < 2) continue;
+    span.replaceChildren(...parts.flatMap((part, i) => (i ? [document.createElement("wbr"), part] : [part])));
   }
 });
