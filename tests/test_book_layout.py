@@ -15,10 +15,11 @@ Slow check (``test_built_pages_cut_nothing``): the book is built into a temporar
 rendered in headless Chromium at 1280 and 400 px. A display equation, an inline formula (which cannot wrap), a
 table, code block or image fails the test when it is cut (content wider than an element that does not scroll),
 when it sticks out of the text column, or when the page itself scrolls sideways; an identifier in the page's contents
-(the right-hand sidebar) fails it when it wraps in the middle of a word rather than after ``_`` or ``.``. A container
-that scrolls sideways is allowed on the phone (400 px) and nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium binary (the system
-package ``chromium``, found on PATH or at /usr/bin/chromium; ``CHROMIUM`` overrides): without them it is skipped
-with the reason, unless ``BOOK_LAYOUT_REQUIRE_BROWSER`` is set (as ``.ci/run`` does): then it fails.
+(the right-hand sidebar) fails it when it wraps in the middle of a word rather than after ``_`` or ``.``, and inline
+math when the punctuation right after it starts the next line alone. A container that scrolls sideways is allowed
+on the phone (400 px) and nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium
+binary (the system package ``chromium``, found on PATH or at /usr/bin/chromium; ``CHROMIUM`` overrides): without
+them it is skipped with the reason, unless ``BOOK_LAYOUT_REQUIRE_BROWSER`` is set (as ``.ci/run`` does): then it fails.
 ``BOOK_LAYOUT_HTML=<folder of a build>`` checks that build instead of building.
 """
 from __future__ import annotations
@@ -345,6 +346,18 @@ CHECK_JS = r"""
     }
     const at = chars.findIndex((c, i) => i > 0 && c[1] > chars[i - 1][1] + 2 && !/[_.\s]/.test(chars[i - 1][0]));
     if (at > 0) report(code, 'contents', 'breaks mid-word', 0);
+  }
+  // punctuation right after inline math stays on the formula's line (code_flags.js glues the first character)
+  for (const m of col.querySelectorAll('mjx-container:not([display="true"])')) {
+    const host = m.parentElement && m.parentElement.matches('span.math') && !m.nextSibling ? m.parentElement : m;
+    const t = host.nextSibling;
+    if (!t || t.nodeType !== 3 || !/^[.,;:!?)\]]/.test(t.data) || !m.getClientRects().length) continue;
+    const range = document.createRange();
+    range.setStart(t, 0);
+    range.setEnd(t, 1);
+    if (range.getBoundingClientRect().top > m.getBoundingClientRect().bottom - 2) {
+      report(m, 'inline math', 'leaves "' + t.data[0] + '" alone at the start of the next line', 0);
+    }
   }
   // the theme's Previous / Next links hide what does not fit them (overflow hidden): a long title cut its chevron
   for (const a of document.querySelectorAll('.prev-next-area a')) {
