@@ -248,8 +248,8 @@ def test_max_log_ratio_clamps_from_below_too(ratio_level):
     loss.backward()
     assert lp.grad[0, 0].item() == 0.0 and lp.grad[0, 1].item() != 0.0
     assert float(metrics["approx_kl"]) == pytest.approx(((math.expm1(-20.0) + 20.0) + (math.expm1(0.5) - 0.5)) / 2)
-    if ratio_level == "token":
-        assert float(metrics["ratio_min"]) == math.exp(-20.0)
+    if ratio_level == "token":  # exp(-20), not exp(-30): within float64 rounding of libm's exp (other CPUs)
+        assert float(metrics["ratio_min"]) == pytest.approx(math.exp(-20.0), rel=1e-13)
     else:  # the GSPO ratio is the exponential of the mean of the clamped log-ratios
         assert float(metrics["ratio_min"]) == pytest.approx(math.exp((-20.0 + 0.5) / 2))
 
