@@ -103,7 +103,7 @@ def test_variants_smoke_run_and_merge(tmp_path):
     TrainConfig field), merged: every run has its per-step history, the override reached the trainer, and the
     merge keeps every run."""
     common = ["--steps", "2", "--prompts", "4", "--seeds", "0", "--warm-max-steps", "5", "--eval-every", "1"]
-    run_script("variants.py", "--specs", "grpo", *common, "--out", str(tmp_path / "a.txt"), "--json",
+    run_script("variants.py", "--specs", "grpo", *common, "--lr", "2e-4", "--out", str(tmp_path / "a.txt"), "--json",
                str(tmp_path / "a.json"))
     run_script("variants.py", "--specs", "dapo:eps_high=0.2,ppo_epochs=1", *common, "--out", str(tmp_path / "b.txt"),
                "--json", str(tmp_path / "b.json"))
@@ -112,6 +112,7 @@ def test_variants_smoke_run_and_merge(tmp_path):
     runs = json.loads((tmp_path / "m.json").read_text())
     assert [r["spec"] for r in runs] == ["grpo", "dapo:eps_high=0.2,ppo_epochs=1"]
     assert runs[1]["algo_config"]["eps_high"] == 0.2 and runs[1]["train_config"]["ppo_epochs"] == 1
+    assert runs[0]["train_config"]["lr"] == 2e-4 and runs[1]["train_config"]["lr"] == 1e-4  # --lr and its default
     assert runs[0]["algo_config"]["name"] == "grpo" and runs[1]["algo_config"]["name"] == "dapo"
     for r in runs:
         assert [h["step"] for h in r["history"]] == [0, 1, 2]
