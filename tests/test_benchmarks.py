@@ -120,9 +120,21 @@ def test_variants_smoke_run_and_merge(tmp_path):
         assert all({"response_length", "entropy", "clip_frac_high", "kl_to_ref"} <= set(h) for h in r["history"][1:])
     sys.path.insert(0, str(BENCH))
     try:
-        from variants import parse_spec
+        from variants import parse_spec, run_summary
     finally:
         sys.path.remove(str(BENCH))
+    table = (tmp_path / "m.txt").read_text().splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["grpo", "dapo:eps_high=0.2,ppo_epochs=1"]
+    hist = [{"step": 0, "eval_accuracy": 0.5}] + [
+        {"step": k, "samples": 10, "time_step_s": 0.5, "response_length_correct": float(k),
+         "response_length_incorrect": 2.0 * k, "entropy": 1.0, "clip_frac_low": 0.0, "clip_frac_high": 0.1,
+         "kl_to_ref": 0.01 * k, **({"eval_accuracy": 0.6 + 0.1 * k} if k % 2 == 0 else {})} for k in range(1, 7)]
+    run = {"spec": "x", "seed": 0, "warm_accuracy": 0.5, "final_accuracy": hist[-1]["eval_accuracy"], "history": hist}
+    got = run_summary(run, target=0.75, tail=2)  # evals 0.8 at step 2 (first >= 0.75), 1.0 at 4, 1.2 at 6
+    assert got["to_target"] == {"step": 2, "samples": 20, "seconds": 1.0} and got["best"] == hist[-1]["eval_accuracy"]
+    assert got["response_length_correct"] == 5.5 and got["response_length_incorrect"] == 11.0
+    assert got["kl_to_ref"] == pytest.approx(0.055)
+    assert run_summary(run, target=2.0, tail=2)["to_target"] is None
     train, algo = parse_spec("dapo:eps_high=0.2,ppo_epochs=1")
     assert train == {"algo": "dapo", "ppo_epochs": 1, "algo_overrides": {"eps_high": 0.2}} and algo == {"eps_high": 0.2}
     with pytest.raises(SystemExit, match="nope"):
