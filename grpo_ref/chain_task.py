@@ -1,8 +1,9 @@
 """A verifiable task whose responses may be short or long: the sum of a few digits, with an optional scratchpad.
 
 The prompt is ``"3+5+2+4="``; the response is one or more numbers separated by ``;`` and ended by EOS, and only
-the last number is the answer. ``"14"`` and ``"8;10;14"`` (the running sums) are both right; ``"8;10;15"``,
-``"14;14;14;14"`` or ``"1;2;3;4;5;6;7;8;9"`` are well-formed and wrong. So the length of a response is the
+the last number is the answer. ``"14"`` and ``"8;10;14"`` (the running sums) are both right, and so is
+``"14;14;14;14"`` (the outcome reward checks the answer, not the steps: :meth:`ChainSumTask.process_rewards` scores
+those); ``"8;10;15"`` and ``"1;2;3;4;5;6;7;8;9"`` are well-formed and wrong. So the length of a response is the
 policy's choice, from 2 tokens to the sampling budget, and a wrong answer can be as long as a right one: the
 setting in which the length biases of a loss's normalisation show (Dr. GRPO, Liu et al. 2025, sec. 3.1) and
 which 2-digit addition, with its 3-4-token answers, cannot show.
