@@ -114,7 +114,7 @@ TRAIN_HELP: Dict[str, str] = {
 ALGO_HELP: Dict[str, str] = {
     "loss_fn": "loss of LOSS_REGISTRY: grpo (actor only) or ppo (actor + critic)",
     "adv_estimator": "advantage estimator: grpo, rloo, reinforce_pp, reinforce_pp_baseline, gae (gae needs "
-                     "loss_fn=ppo)",
+                     "loss_fn=ppo), process (the task's step rewards, DeepSeekMath process supervision)",
     "adv_scale": "group-relative advantages divided by the std of the group, of the batch, or none (Dr. GRPO)",
     "adv_eps": "epsilon added to the std before dividing",
     "whiten_advantages": "whiten the advantages over the batch after GAE (PPO-RLHF)",

@@ -12,7 +12,8 @@ Mapping of the fields to TRL 1.16.0 (``GRPOConfig``) and verl 0.9.1 (``actor_rol
 ``tests/test_conformance_trl.py`` and ``tests/test_conformance_verl.py``:
 
 * ``group_size``: TRL ``num_generations``; verl ``rollout.n``
-* ``adv_estimator``: TRL ``grpo`` only; verl ``algorithm.adv_estimator``
+* ``adv_estimator``: TRL ``grpo`` only; verl ``algorithm.adv_estimator`` (``process``: DeepSeekMath's process
+  supervision, in neither)
 * ``adv_scale``: TRL ``scale_rewards`` (group/batch/none); verl ``norm_adv_by_std_in_grpo`` (no batch scale)
 * ``adv_eps``: TRL 1e-4 (fixed); verl 1e-6 (fixed)
 * ``eps_low`` / ``eps_high``: TRL ``epsilon`` / ``epsilon_high``; verl ``clip_ratio_low`` / ``clip_ratio_high``
@@ -71,6 +72,7 @@ from .advantages import (
     gae_advantages,
     grpo_advantages,
     overlong_penalty,
+    process_advantages,
     reinforce_pp_advantages,
     rloo_advantages,
 )
@@ -80,7 +82,7 @@ from .masks import _masked_sum, _masked_whiten
 from .ppo import value_loss
 from .surrogate import PG_OBJECTIVES, RATIO_LEVELS, policy_loss
 
-ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
+ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "process")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
 UNSCORABLE = ("refuse", "zero_advantage")
 
@@ -134,7 +136,7 @@ class AlgoConfig:
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("kl_placement", self.kl_placement, ("loss", "reward"))
         check_int("group_size", self.group_size, lo=1)
-        if self.adv_estimator in GROUP_ESTIMATORS and self.group_size < 2:
+        if self.adv_estimator in GROUP_ESTIMATORS + ("process",) and self.group_size < 2:
             raise ValueError(f"{self.adv_estimator} needs group_size >= 2 (a group baseline of one is the sample itself), got {self.group_size}")
         check_choice("pg_objective", self.pg_objective, PG_OBJECTIVES)
         check_choice("unscorable", self.unscorable, UNSCORABLE)
@@ -164,6 +166,11 @@ class AlgoConfig:
         if self.unscorable != "refuse" and self.adv_estimator not in GROUP_ESTIMATORS:
             raise ValueError(f"unscorable={self.unscorable!r} needs a group estimator {GROUP_ESTIMATORS} (the statistics "
                              f"of the scorable group members), got adv_estimator={self.adv_estimator!r}")
+        if self.adv_estimator == "process" and ((self.kl_placement == "reward" and self.kl_coef > 0)
+                                                or self.overlong_buffer is not None):
+            raise ValueError("adv_estimator='process' normalises the task's step rewards as DeepSeekMath does (sec. "
+                             "4.1.3): it takes neither a KL in the reward nor DAPO's overlong shaping, got kl_placement="
+                             f"{self.kl_placement!r}, overlong_buffer={self.overlong_buffer!r}")
         if self.adv_estimator == "gae" and self.loss_fn != "ppo":
             raise ValueError("adv_estimator='gae' needs a critic: use loss_fn='ppo'")
         if self.max_response_length is not None:
@@ -315,6 +322,7 @@ def compute_advantages(
     old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
     values: Optional[torch.Tensor] = None,
+    steps: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Token advantages (and PPO returns) for a rollout batch, by ``cfg.adv_estimator``.
 
@@ -323,6 +331,10 @@ def compute_advantages(
         mask: ``[B, T]`` response mask.
         old_logp, ref_logp: ``[B, T]``; needed when ``cfg.kl_placement == "reward"`` and ``kl_coef > 0``.
         values: ``[B, T]`` critic values at sampling time, for ``gae``.
+        steps: ``(step_rewards [B, S], step_ends [B, S], step_mask [B, S])`` for ``process`` (DeepSeekMath sec.
+            4.1.3, :func:`~grpo_ref.advantages.process_advantages`; e.g. from
+            :meth:`ChainSumTask.process_rewards <grpo_ref.chain_task.ChainSumTask.process_rewards>`); ``scores``
+            are then checked but unused. Refused for the other estimators.
     Unscorable completions: with ``cfg.unscorable == "zero_advantage"`` a NaN score marks a completion no reward
     function could score (TRL 1.16.0: every reward function returned None). The group estimators then take their
     statistics over the scorable members only (TRL's ``nanmean`` / ``nanstd``; RLOO's leave-one-out mean over the
@@ -380,6 +392,9 @@ def compute_advantages(
         seq_scores = scores - beta * _masked_sum(kl, m.to(dtype), dim=-1)
     returns = None
     est = cfg.adv_estimator
+    if (steps is None) != (est != "process"):
+        raise ValueError(f"steps (per-step rewards) go with adv_estimator='process' only, got adv_estimator={est!r} "
+                         f"and steps {'given' if steps is not None else 'None'}")
     if nan_ok and bool(unscorable.any()):  # group estimators only (AlgoConfig refuses the others)
         if est == "grpo":
             adv = _nan_grpo_advantages(seq_scores, cfg.group_size, cfg.adv_scale, cfg.adv_eps)[:, None] * m
@@ -396,6 +411,11 @@ def compute_advantages(
         adv = reinforce_pp_advantages(token_rewards, m, cfg.gamma)
     elif est == "reinforce_pp_baseline":
         adv = reinforce_pp_advantages(token_rewards, m, group_size=cfg.group_size)  # the baseline variant has no gamma
+    elif est == "process":
+        assert steps is not None  # refused above
+        if not isinstance(steps, (tuple, list)) or len(steps) != 3:
+            raise ValueError("steps must be a tuple (step_rewards, step_ends, step_mask)")
+        adv = process_advantages(steps[0], steps[1], steps[2], mask, cfg.group_size, cfg.adv_eps)
     else:  # gae
         if values is None:
             raise ValueError("adv_estimator='gae' needs values from the critic")

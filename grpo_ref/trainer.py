@@ -424,7 +424,8 @@ class Trainer:
     Args:
         policy: any causal LM (``input_ids, attention_mask -> logits`` or ``.logits``); trained in place.
         task: e.g. :class:`~grpo_ref.tasks.AdditionTask` (``sample_train``, ``encode_prompts``, ``score``,
-            ``eval_pairs``, ``tokenizer``, ``max_new_tokens``).
+            ``eval_pairs``, ``tokenizer``, ``max_new_tokens``; ``process_rewards`` for ``adv_estimator='process'``,
+            as :class:`~grpo_ref.chain_task.ChainSumTask` has).
         config: :class:`TrainConfig`.
         critic: PPO's value model. With ``config.critic="separate"`` a module ``(input_ids, attention_mask) -> [B, T]``;
             default a :class:`~grpo_ref.model.ValueModel` on a copy of the policy (its first ``critic_layers``
@@ -449,6 +450,9 @@ class Trainer:
         self.task = task
         self.device = torch.device(config.device)
         self.max_new_tokens = config.max_new_tokens or task.max_new_tokens
+        if self.algo.adv_estimator == "process" and not callable(getattr(task, "process_rewards", None)):
+            raise ValueError(f"adv_estimator='process' needs a task with per-step rewards (process_rewards(problems, "
+                             f"responses)), got a {type(task).__name__}")
         self.policy = policy.to(self.device)
         self.reference = (copy.deepcopy(policy) if reference is None else reference).to(self.device)
         self.reference.eval().requires_grad_(False)
@@ -672,7 +676,12 @@ class Trainer:
             ref_logp, _ = response_logprobs(self.reference, batch, cfg.temperature, path=cfg.logprob_path,
                                             share_prompts=cfg.share_prompts)
         self._check("old_logp", old_logp[mask > 0])
-        adv, returns = compute_advantages(algo, batch.rewards, mask, old_logp=old_logp, ref_logp=ref_logp, values=old_values)
+        steps = None
+        if algo.adv_estimator == "process":  # DeepSeekMath process supervision: the task scores every step
+            steps = tuple(x.to(self.device) for x in self.task.process_rewards(batch.pairs, batch.response_ids.cpu()))
+            self._check("step_rewards", steps[0][steps[2] > 0])
+        adv, returns = compute_advantages(algo, batch.rewards, mask, old_logp=old_logp, ref_logp=ref_logp,
+                                          values=old_values, steps=steps)
         self._check("advantages", adv)
 
         b = batch.rewards.numel()

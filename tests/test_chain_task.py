@@ -284,3 +284,44 @@ def test_step_reports_the_lengths_of_right_and_wrong_responses_separately():
     task.score = lambda problems, responses: (score(problems, responses)[0], torch.zeros(len(problems), dtype=torch.bool))
     m = trainer.step()
     assert "response_length_correct" not in m and "response_length_incorrect" in m
+
+
+def test_trainer_with_process_supervision_uses_the_task_step_rewards(monkeypatch):
+    """``adv_estimator='process'``: the trainer asks the task for the step rewards of the very batch it sampled and
+    its advantages are :func:`process_advantages` of them (recomputed here); a task without step rewards is refused."""
+    import grpo_ref.trainer as trainer_module
+    from grpo_ref.tasks import AdditionTask
+
+    task = ChainSumTask(eval_size=16)
+    policy = tiny_gpt(GPTConfig(vocab_size=task.vocab_size, block_size=task.max_prompt_len + task.max_new_tokens,
+                                n_layer=1, n_head=2, n_embd=32), seed=0)
+    cfg = TrainConfig(algo="grpo", prompts_per_step=4, group_size=4, steps=1, eval_every=100, seed=0,
+                      algo_overrides={"adv_estimator": "process"})
+    trainer = Trainer(policy, task, cfg)
+    seen = {}
+    real = trainer_module.compute_advantages
+
+    def spy(algo, scores, mask, **kw):
+        out = real(algo, scores, mask, **kw)
+        seen.update(mask=mask, steps=kw["steps"], adv=out[0])
+        return out
+
+    sample = trainer._sample_batch
+
+    def keep():
+        out = sample()
+        seen["batch"] = out[0]
+        return out
+
+    monkeypatch.setattr(trainer_module, "compute_advantages", spy)
+    trainer._sample_batch = keep
+    trainer.step()
+    batch = seen["batch"]
+    r, e, m = task.process_rewards(batch.pairs, batch.response_ids)
+    for got, want in zip(seen["steps"], (r, e, m), strict=True):
+        assert torch.equal(got.cpu(), want)
+    want = process_advantages(r, e, m, batch.loss_mask.cpu(), group_size=4)
+    assert torch.allclose(seen["adv"].cpu(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="process_rewards"):
+        Trainer(tiny_gpt(GPTConfig(vocab_size=AdditionTask().vocab_size, n_layer=1, n_head=2, n_embd=32), seed=0),
+                AdditionTask(), cfg)

@@ -233,6 +233,19 @@ def test_group_estimators_need_two_members_and_the_others_do_not():
     assert AlgoConfig(adv_estimator="gae", loss_fn="ppo", group_size=1).group_size == 1
 
 
+def test_process_supervision_needs_a_group_and_takes_no_reward_shaping():
+    """``adv_estimator='process'`` normalises over the group's steps (DeepSeekMath sec. 4.1.3): one member is
+    refused; a KL in the reward (with a coefficient) and DAPO's overlong shaping would change the scores it does
+    not read, so both are refused rather than silently ignored."""
+    refused(lambda: AlgoConfig(adv_estimator="process", group_size=1), "group_size", "process", "1")
+    refused(lambda: AlgoConfig(adv_estimator="process", kl_placement="reward", kl_coef=0.05),
+            "process", "kl_placement", "reward")
+    refused(lambda: AlgoConfig(adv_estimator="process", overlong_buffer=2, max_response_length=8),
+            "process", "overlong_buffer", "2")
+    assert AlgoConfig(adv_estimator="process", kl_placement="reward", kl_coef=0.0).kl_coef == 0.0
+    assert AlgoConfig(adv_estimator="process", group_size=2).kl_placement == "loss"
+
+
 def test_dual_clip_only_with_the_clip_objective():
     for obj in ("cispo", "sapo"):
         refused(
@@ -815,6 +828,31 @@ def test_compute_advantages_refusals_name_the_argument():
     refused(lambda: G.compute_advantages(AlgoConfig(adv_estimator="gae", loss_fn="ppo"), SCORES, AMASK), "values")
 
 
+STEP_R = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.5], [0.0, 0.0, 0.0]], dtype=F64)
+STEP_E = torch.tensor([[0, 1, 2], [1, 3, 4], [1, 3, 0], [0, 0, 0]])
+STEP_M = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=F64)
+
+
+def test_process_estimator_is_process_advantages():
+    """``adv_estimator='process'``: the advantages are :func:`process_advantages` of the step rewards given (the
+    outcome scores are not read: other scores give the same result); other step rewards give other advantages."""
+    cfg = AlgoConfig(adv_estimator="process", group_size=GS, adv_eps=0.3)
+    steps = (STEP_R, STEP_E, STEP_M)
+    adv, ret = _adv(cfg, steps=steps)
+    want = G.process_advantages(STEP_R, STEP_E, STEP_M, AMASK, GS, 0.3)
+    assert ret is None and torch.allclose(adv, want, rtol=1e-12, atol=1e-14) and bool(want.abs().sum() > 0)
+    assert torch.equal(_adv(cfg, scores=-SCORES, steps=steps)[0], adv)
+    other = _adv(cfg, steps=(STEP_R.flip(0), STEP_E, STEP_M))[0]
+    assert not torch.allclose(other, adv)
+
+
+def test_step_rewards_only_with_the_process_estimator():
+    steps = (STEP_R, STEP_E, STEP_M)
+    refused(lambda: _adv(AlgoConfig(group_size=GS), steps=steps), "steps", "process", "grpo")
+    refused(lambda: _adv(AlgoConfig(adv_estimator="process", group_size=GS)), "steps", "process", "None")
+    refused(lambda: _adv(AlgoConfig(adv_estimator="process", group_size=GS), steps=steps[:2]), "steps")
+
+
 @pytest.mark.parametrize("missing", ["old_logp", "ref_logp"])
 def test_kl_in_the_reward_needs_both_log_probs(missing):
     cfg = AlgoConfig(group_size=GS, kl_placement="reward", kl_coef=0.1)
@@ -851,10 +889,12 @@ def test_compute_advantages_empty_batch():
             loss_fn="ppo" if est == "gae" else "grpo",
             group_size=GS,
             kl_coef=0.1,
-            kl_placement="reward",
+            kl_placement="loss" if est == "process" else "reward",  # process: step rewards, no KL in the reward
         )
         z = torch.zeros(0, T, dtype=F64)
-        adv, ret = G.compute_advantages(cfg, torch.zeros(0, dtype=F64), z, old_logp=z, ref_logp=z, values=z)
+        steps = (torch.zeros(0, 2, dtype=F64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=F64))
+        adv, ret = G.compute_advantages(cfg, torch.zeros(0, dtype=F64), z, old_logp=z, ref_logp=z, values=z,
+                                        steps=steps if est == "process" else None)
         assert adv.shape == (0, T)
 
 
@@ -945,7 +985,7 @@ DTYPE_COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("est", ADV_ESTIMATORS)
+@pytest.mark.parametrize("est", [e for e in ADV_ESTIMATORS if e != "process"])  # process: no KL in the reward
 @pytest.mark.parametrize("kl", [True, False])
 def test_mixed_dtypes_follow_kl_in_reward(est, kl):
     """Any mix of float64/float32 scores, log-probs and mask (bool included): the advantages are those of the math

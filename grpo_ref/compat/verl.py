@@ -617,6 +617,8 @@ def to_verl(cfg: AlgoConfig, train: Optional[dict] = None) -> Dict[str, Any]:
     objective = getattr(cfg, "pg_objective", "clip")
     rev = {"grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_plus_plus",
            "reinforce_pp_baseline": "reinforce_plus_plus_baseline", "gae": "gae"}
+    if cfg.adv_estimator not in rev:
+        _refuse(cfg, "adv_estimator", "verl 0.9.1's AdvantageEstimator has no process-supervision estimator")
     out[ALG + "adv_estimator"] = rev[cfg.adv_estimator]
     if cfg.adv_estimator == "grpo":
         if cfg.adv_scale == "batch":
