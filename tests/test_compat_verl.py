@@ -199,6 +199,7 @@ REFUSED_TO = [
     (dict(global_token_norm=True, loss_agg_mode="token-mean"), "global_token_norm"),
     (dict(unscorable="zero_advantage"), "unscorable"),
     (dict(loss_fn="ppo"), "loss_fn"),
+    (dict(adv_estimator="process"), "adv_estimator"),
 ]
 
 
