@@ -45,7 +45,14 @@ from grpo_ref.trainer import Trainer, TrainConfig
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPECS = ["grpo", "dr_grpo", "dapo", "dapo:eps_high=0.2", "gspo", "rloo", "reinforce_pp", "ppo",
-         "grpo:kl_estimator=k1", "grpo:kl_estimator=k2", "grpo:lr=0.0003"]
+         "grpo:kl_estimator=k1", "grpo:kl_estimator=k2", "grpo:lr=0.0003", "grpo:adv_estimator=process",
+         # DAPO's overlong treatments under a binding 10-token budget: truncated responses score 0 (kept), are
+         # masked out of the loss (overlong filtering), or get the soft penalty over the last 4 tokens
+         "dapo:max_new_tokens=10", "dapo:max_new_tokens=10,truncation=mask",
+         "dapo:max_new_tokens=10,max_response_length=10,overlong_buffer=4",
+         # GRPO with its estimator written out: the control of runs made from other warm starts than the rest
+         # (a later session, another CPU's rounding), compared with them only (chapter 5, sec. 5.2)
+         "grpo:adv_estimator=grpo"]
 # The per-step metrics kept (the trainer logs more); absent keys (e.g. no right answer in a step) stay absent.
 KEPT = ("step", "samples", "batch_size", "reward_mean", "train_accuracy", "response_length",
         "response_length_correct", "response_length_incorrect", "truncated_frac", "entropy", "clip_frac_low",
@@ -55,7 +62,7 @@ KEPT = ("step", "samples", "batch_size", "reward_mean", "train_accuracy", "respo
 
 def parse_spec(spec: str) -> tuple:
     """``"dapo:eps_high=0.2,ppo_epochs=1"`` -> ``(TrainConfig overrides, AlgoConfig overrides)``, each value typed as
-    its field's default (``None`` defaults keep the string)."""
+    its field's default (a ``None`` default: a JSON number or ``null`` as such, anything else the string)."""
     algo, _, rest = spec.partition(":")
     train_fields = {f.name for f in fields(TrainConfig)}
     algo_fields = {f.name for f in fields(AlgoConfig)}
@@ -71,10 +78,18 @@ def parse_spec(spec: str) -> tuple:
         if isinstance(default, bool):
             target[key] = value.lower() in ("1", "true", "yes")
         else:
-            target[key] = type(default)(value) if default is not None else value
+            target[key] = type(default)(value) if default is not None else _literal(value)
     if algo_over:
         train["algo_overrides"] = algo_over
     return train, algo_over
+
+
+def _literal(value: str):
+    try:
+        out = json.loads(value)
+    except ValueError:
+        return value
+    return out if out is None or isinstance(out, (int, float)) else value
 
 
 def _round(x: float) -> float:
@@ -145,9 +160,10 @@ def summary_table(results: list, target: float, tail: int) -> list:
     by_spec: dict = {}
     for r in results:
         by_spec.setdefault(r["spec"], []).append(run_summary(r, target, tail))
+    w = max([22] + [len(spec) for spec in by_spec])
     lines = [f"Per spec, mean over seeds (last {tail} steps for lengths, entropy, clip fractions and KL); "
              f"'to {target:.0%}': seeds whose greedy eval accuracy reached it, and their mean samples and seconds",
-             f"{'spec':22} {'seeds':>5} {'warm':>5} {'final':>5} {'best':>5} {'to ' + format(target, '.0%'):>7} "
+             f"{'spec':{w}} {'seeds':>5} {'warm':>5} {'final':>5} {'best':>5} {'to ' + format(target, '.0%'):>7} "
              f"{'samples':>8} {'sec':>5} {'len ok':>6} {'len bad':>7} {'entropy':>7} {'clip lo':>7} {'clip hi':>7} "
              f"{'kl_ref':>6}"]
     for spec, runs in by_spec.items():
@@ -155,7 +171,7 @@ def summary_table(results: list, target: float, tail: int) -> list:
         m = {k: _mean([r[k] for r in runs]) for k in ("warm", "final", "best", "response_length_correct",
                                                       "response_length_incorrect", "entropy", "clip_frac_low",
                                                       "clip_frac_high", "kl_to_ref")}
-        lines.append(f"{spec:22} {len(runs):>5} {m['warm']:5.2f} {m['final']:5.2f} {m['best']:5.2f} "
+        lines.append(f"{spec:{w}} {len(runs):>5} {m['warm']:5.2f} {m['final']:5.2f} {m['best']:5.2f} "
                      f"{len(hits):>4}/{len(runs)} {_mean([h['samples'] for h in hits]):8.0f} "
                      f"{_mean([h['seconds'] for h in hits]):5.0f} {m['response_length_correct']:6.2f} "
                      f"{m['response_length_incorrect']:7.2f} {m['entropy']:7.3f} {m['clip_frac_low']:7.4f} "
