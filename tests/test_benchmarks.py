@@ -137,5 +137,30 @@ def test_variants_smoke_run_and_merge(tmp_path):
     assert run_summary(run, target=2.0, tail=2)["to_target"] is None
     train, algo = parse_spec("dapo:eps_high=0.2,ppo_epochs=1")
     assert train == {"algo": "dapo", "ppo_epochs": 1, "algo_overrides": {"eps_high": 0.2}} and algo == {"eps_high": 0.2}
+    train, algo = parse_spec("dapo:max_new_tokens=10,truncation=mask,max_response_length=10,overlong_buffer=4")
+    assert train["max_new_tokens"] == 10 and train["truncation"] == "mask"  # None default: a JSON number is a number
+    assert algo == {"max_response_length": 10, "overlong_buffer": 4}
+    assert parse_spec("grpo:adv_estimator=process")[1] == {"adv_estimator": "process"}
     with pytest.raises(SystemExit, match="nope"):
         parse_spec("grpo:nope=1")
+
+
+def test_advantage_variance_smoke_run_writes_what_chapter_5_reads(tmp_path):
+    """The fields chapter 5 reads from ``advantage_variance.json`` are what a fresh run writes; the identities the
+    script relies on hold on its own output: Dr. GRPO's group mean is (G - 1) / G times RLOO's advantage, so both
+    have the same noise-to-signal ratio and bias statistic, and REINFORCE is its own reference (cos 1, c 1)."""
+    out, js = tmp_path / "av.txt", tmp_path / "av.json"
+    printed = run_script("advantage_variance.py", "--batches", "3", "--prompts", "4", "--seeds", "0",
+                         "--warm-max-steps", "5", "--out", str(out), "--json", str(js))
+    assert out.read_text().strip() == printed.strip()
+    fresh, kept = json.loads(js.read_text()), committed("advantage_variance.json")
+    assert [r["seed"] for r in kept] == [0, 1, 2] and all(r["batches"] >= 256 for r in kept)
+    for run in (fresh[0], *kept):
+        assert set(run) == set(kept[0]) and set(run["per_sequence"]) == set(kept[0]["per_sequence"])
+        est = run["estimators"]
+        assert set(est) == set(kept[0]["estimators"])
+        assert all(set(e) == set(est["grpo"]) for e in est.values())
+        assert est["rloo"]["noise_to_signal"] == pytest.approx(est["group_mean"]["noise_to_signal"], rel=1e-6)
+        assert est["reinforce"]["cos_to_reinforce"] == pytest.approx(1.0) and est["reinforce"]["scale"] == 1.0
+        g = run["group_size"]
+        assert est["group_mean"]["fitted_scale"] == pytest.approx((g - 1) / g * est["rloo"]["fitted_scale"], rel=1e-6)
