@@ -15,7 +15,9 @@ Slow check (``test_built_pages_cut_nothing``): the book is built into a temporar
 rendered in headless Chromium at 1280 and 400 px. A display equation, an inline formula (which cannot wrap), a
 table, code block or image fails the test when it is cut (content wider than an element that does not scroll),
 when it sticks out of the text column, or when the page itself scrolls sideways; an identifier in the page's contents
-(the right-hand sidebar) fails it when it wraps in the middle of a word rather than after ``_`` or ``.``, and inline
+(the right-hand sidebar) fails it when it wraps in the middle of a word rather than after ``_`` or ``.``, so does a
+long key in running text (over 20 characters, outside tables) unless it breaks after ``_``, ``.``, ``=`` or where the
+browser may (a space, ``-``, ``/``, ``,``, an opening bracket) or one piece alone is wider than its block, and inline
 math when the punctuation right after it starts the next line alone. A container that scrolls sideways is allowed
 on the phone (400 px) and nowhere at 1280 px. It needs the ``playwright`` package (requirements.txt) and a Chromium
 binary (the system package ``chromium``, found on PATH or at /usr/bin/chromium; ``CHROMIUM`` overrides): without
@@ -331,7 +333,12 @@ CHECK_JS = r"""
   }
   // the page's contents (right-hand sidebar): a long identifier wraps after "_" or "." only (code_flags.js puts a
   // break opportunity there), never in the middle of a word; found by the line each character lands on
-  for (const code of document.querySelectorAll('nav.page-toc code.literal')) {
+  // and so does a long key in running text (more than 20 characters, outside tables), after "_", ".", "=" or where
+  // the browser itself may break (a space, "-", "/", ",", an opening bracket); a piece wider than its block alone
+  // may still break anywhere
+  const inText = [...col.querySelectorAll('code.literal')].filter(
+    (c) => !c.closest('table') && c.textContent.length > 20);
+  for (const code of [...document.querySelectorAll('nav.page-toc code.literal'), ...inText]) {
     if (code.getClientRects().length < 2) continue;  // hidden (phone) or on one line
     const chars = [];
     const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
@@ -341,11 +348,28 @@ CHECK_JS = r"""
         range.setStart(t, i);
         range.setEnd(t, i + 1);
         const box = range.getBoundingClientRect();
-        if (box.width || box.height) chars.push([t.data[i], box.top]);
+        chars.push([t.data[i], box.width || box.height ? box.top : null, box.width]);
       }
     }
-    const at = chars.findIndex((c, i) => i > 0 && c[1] > chars[i - 1][1] + 2 && !/[_.\s]/.test(chars[i - 1][0]));
-    if (at > 0) report(code, 'contents', 'breaks mid-word', 0);
+    const toc = !!code.closest('nav.page-toc');
+    const after = toc ? /[_.\s]/ : /[_.=\s\-\/,(\[]/;
+    const before = toc ? /^$/ : /[(\[]/;  // the browser also breaks before an opening bracket: "x)[0]"
+    // the piece between two break opportunities around a break is wider than its block: it must break somewhere
+    const tooWide = (at) => {
+      let a = at, b = at;
+      while (a > 0 && !after.test(chars[a - 1][0])) a--;
+      while (b < chars.length && !after.test(chars[b][0])) b++;
+      const w = chars.slice(a, b).reduce((sum, c) => sum + c[2], 0);
+      return w > code.closest('p, li, dd, div').clientWidth;
+    };
+    // a line break between two visible characters is allowed when a character from the first up to the second
+    // (collapsed spaces included) is one after which a break is meant
+    const vis = chars.map((c, i) => (c[1] === null ? -1 : i)).filter((i) => i >= 0);
+    const bad = vis.find((i, k) => k > 0 && chars[i][1] > chars[vis[k - 1]][1] + 2
+      && !chars.slice(vis[k - 1], i).some((c) => after.test(c[0])) && !before.test(chars[i][0]));
+    if (bad !== undefined && (toc || !tooWide(bad))) {
+      report(code, toc ? 'contents' : 'inline code', 'breaks mid-word', 0);
+    }
   }
   // punctuation right after inline math stays on the formula's line (code_flags.js glues the first character)
   for (const m of col.querySelectorAll('mjx-container:not([display="true"])')) {

@@ -2,7 +2,9 @@
 // a line break never falls after its leading dashes ("--" / "resume"). Longer code keeps the theme's wrapping, so a
 // long key still fits a phone's column. (2) In the page's contents (the right-hand sidebar), a long identifier such
 // as token_logprobs_and_entropy_from_hidden() breaks after an underscore or a dot, not in the middle of a word:
-// a break opportunity (<wbr>) follows each of them, and layout.css lets the entries break only there. (3) Punctuation
+// a break opportunity (<wbr>) follows each of them, and layout.css lets the entries break only there. So does a
+// long key in running text (algorithm.adv_estimator=grpo_vectorized: after "_", "=", "/" or a "." before a name), where the theme's
+// break-anywhere remains the fallback for a piece that alone is wider than the column. (3) Punctuation
 // right after inline math ("$x$," in the source) stays on the formula's line: the formula and the first character
 // after it go into one unbreakable span, before MathJax renders the formula inside it.
 document.addEventListener("DOMContentLoaded", () => {
@@ -19,8 +21,10 @@ document.addEventListener("DOMContentLoaded", () => {
     const text = span.textContent;
     if (text.startsWith("-") && text.length <= 32) span.style.whiteSpace = "nowrap";
   }
-  for (const span of document.querySelectorAll("nav.page-toc code span.pre")) {
-    const parts = span.textContent.split(/(?<=[_.])/);
+  const long = (span) => span.closest("nav.page-toc") || span.textContent.length > 20;
+  for (const span of document.querySelectorAll("nav.page-toc code span.pre, article code.literal span.pre")) {
+    if (!long(span) || span.closest("table")) continue;
+    const parts = span.textContent.split(/(?<=[_=/])|(?<=\.)(?=[A-Za-z_])/);
     if (parts.length < 2) continue;
     span.replaceChildren(...parts.flatMap((part, i) => (i ? [document.createElement("wbr"), part] : [part])));
   }
