@@ -495,3 +495,27 @@ def test_defect_rule():
     assert not is_defect(400, {"problem": "scrolls"})
     assert is_defect(400, {"problem": "cut"})
     assert is_defect(400, {"problem": "sticks out of the text column"})
+
+
+@pytest.mark.slow
+def test_page_contents_list_every_section_and_api_member(built_book: Path) -> None:
+    """The right-hand contents of every page link each of its second- and third-level sections and, on the API
+    pages, each documented member (function, class, method, attribute): a reader on a long page finds everything
+    from the sidebar."""
+    import bs4  # a dependency of the book's theme (pydata-sphinx-theme)
+
+    missing, pages = [], 0
+    for page in _pages(built_book):
+        soup = bs4.BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+        article, nav = soup.select_one("article"), soup.select_one("nav.page-toc")
+        if article is None:
+            continue
+        targets = [h.find_parent("section").get("id") for h in article.select("section > h2, section > h3")]
+        targets += [dt.get("id") for dt in article.select("dl.py > dt[id]")]
+        if not targets:
+            continue
+        pages += 1
+        links = {a.get("href", "").rsplit("#", 1)[-1] for a in nav.select("a")} if nav else set()
+        missing += [f"{page.relative_to(built_book)}#{t}" for t in targets if t and t not in links]
+    assert pages > 20, pages
+    assert not missing, f"{len(missing)} entries missing from the page contents: {missing[:10]}"
