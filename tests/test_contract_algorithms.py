@@ -848,7 +848,7 @@ def test_process_estimator_is_process_advantages():
 
 def test_step_rewards_only_with_the_process_estimator():
     steps = (STEP_R, STEP_E, STEP_M)
-    refused(lambda: _adv(AlgoConfig(group_size=GS), steps=steps), "steps", "process", "grpo")
+    refused(lambda: _adv(AlgoConfig(group_size=GS), steps=steps), "steps", "process", "grpo", "given")
     refused(lambda: _adv(AlgoConfig(adv_estimator="process", group_size=GS)), "steps", "process", "None")
     refused(lambda: _adv(AlgoConfig(adv_estimator="process", group_size=GS), steps=steps[:2]), "steps")
 
