@@ -160,7 +160,8 @@ def test_advantage_variance_smoke_run_writes_what_chapter_5_reads(tmp_path):
         est = run["estimators"]
         assert set(est) == set(kept[0]["estimators"])
         assert all(set(e) == set(est["grpo"]) for e in est.values())
-        assert est["rloo"]["noise_to_signal"] == pytest.approx(est["group_mean"]["noise_to_signal"], rel=1e-6)
+        # (float32 gradients summed in float64: equal to rounding, on any CPU well inside 1e-4)
+        assert est["rloo"]["noise_to_signal"] == pytest.approx(est["group_mean"]["noise_to_signal"], rel=1e-4)
         assert est["reinforce"]["cos_to_reinforce"] == pytest.approx(1.0) and est["reinforce"]["scale"] == 1.0
         g = run["group_size"]
-        assert est["group_mean"]["fitted_scale"] == pytest.approx((g - 1) / g * est["rloo"]["fitted_scale"], rel=1e-6)
+        assert est["group_mean"]["fitted_scale"] == pytest.approx((g - 1) / g * est["rloo"]["fitted_scale"], rel=1e-4)
