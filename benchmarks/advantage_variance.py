@@ -48,6 +48,7 @@ import torch
 
 from grpo_ref.algorithms import AlgoConfig, compute_advantages, get_preset
 from grpo_ref.chain_task import ChainSumTask
+from grpo_ref.masks import masked_mean
 from grpo_ref.rollout import rollout
 from grpo_ref.sft import warm_start_policy
 from grpo_ref.trainer import response_logprobs
@@ -70,7 +71,7 @@ EXPECTED_SCALE = {"reinforce": 1.0, "rloo": 1.0, "group_mean": (G - 1) / G}
 
 def _flat_grad(loss: torch.Tensor, params: list) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
 
 
 def batch_gradients(policy, task, problems, generator, per_sequence: bool = False) -> tuple:
@@ -96,7 +97,7 @@ def batch_gradients(policy, task, problems, generator, per_sequence: bool = Fals
         else:
             lp = logp.detach()
             adv, _ = compute_advantages(cfg, batch.rewards, mask, old_logp=lp, ref_logp=lp)  # pi = pi_ref: KL 0
-        seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        seq_adv = masked_mean(adv, mask, dim=-1)
         adv_var[name] = float(seq_adv.var())
         grads[name] = _flat_grad(-(adv * logp * mask).sum() / b, params)
     return grads, adv_var, float(batch.rewards.mean()), rows
