@@ -40,8 +40,9 @@ import torch
 
 from grpo_ref.algorithms import AlgoConfig, get_preset
 from grpo_ref.chain_task import ChainSumTask
+from grpo_ref.plotting import first_crossing, series, tail_mean
 from grpo_ref.sft import warm_start_policy
-from grpo_ref.trainer import Trainer, TrainConfig
+from grpo_ref.trainer import TrainConfig, Trainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPECS = ["grpo", "dr_grpo", "dapo", "dapo:eps_high=0.2", "gspo", "rloo", "reinforce_pp", "ppo",
@@ -138,20 +139,15 @@ def run_summary(run: dict, target: float, tail: int) -> dict:
     """One run's figures: the first eval at ``target`` accuracy or above (step, cumulative samples, seconds of
     training), the best and final eval accuracy, and means over the last ``tail`` steps of the response length of
     right and of wrong answers, the entropy, both clip fractions and ``kl_to_ref`` (k1 of pi_old against pi_ref)."""
-    hist = [h for h in run["history"] if h["step"] > 0]
-    samples = seconds = 0.0
-    hit = None
-    for h in run["history"]:
-        samples += h.get("samples", 0)
-        seconds += h.get("time_step_s", 0.0)
-        if hit is None and h.get("eval_accuracy", -1.0) >= target:
-            hit = {"step": h["step"], "samples": int(samples), "seconds": round(seconds, 1)}
-    last = hist[-tail:]
+    hist = run["history"]
+    hit = first_crossing(hist, target)
+    if hit is not None:
+        hit = {"step": hit["step"], "samples": int(hit["samples"]), "seconds": round(hit["wall"], 1)}
     out = {"spec": run["spec"], "seed": run["seed"], "warm": run["warm_accuracy"], "final": run["final_accuracy"],
-           "best": max(h["eval_accuracy"] for h in run["history"] if "eval_accuracy" in h), "to_target": hit}
+           "best": max(series(hist, "eval_accuracy")[1]), "to_target": hit}
     for key in ("response_length_correct", "response_length_incorrect", "entropy", "clip_frac_low", "clip_frac_high",
                 "kl_to_ref"):
-        out[key] = _mean([h[key] for h in last if key in h])
+        out[key] = tail_mean(hist, key, tail) if series(hist, key)[1] else float("nan")
     return out
 
 

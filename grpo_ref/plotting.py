@@ -1,10 +1,13 @@
-"""Plots of training metrics: one run's dashboard, and several runs compared on one metric.
+"""Plots of training metrics: one run's dashboard, and several runs compared on one metric; and the few
+figures a table of runs quotes (:func:`head_mean`, :func:`tail_mean`, :func:`first_crossing`), computed from the
+same :func:`series` the plots draw.
 
 matplotlib is imported inside the functions, so ``import grpo_ref`` never needs it.
 Runs are lists of metric dicts (``Trainer.history`` or :func:`grpo_ref.metrics_log.load_metrics`).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 Run = List[Dict[str, float]]
@@ -67,6 +70,45 @@ def series(run: Run, key: str, x: str = "step") -> Tuple[List[float], List[float
         xs.append(total if x == "samples" else wall if x == "wall" else rec.get(x, len(xs)))
         ys.append(value)
     return xs, ys
+
+
+def _window(run: Run, key: str, n: int, caller: str) -> List[float]:
+    """The values of ``key`` (``series``), checked: ``n`` a positive int, at least one record holding ``key``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{caller}: n must be a positive int, got {n!r}")
+    ys = series(run, key)[1]
+    if not ys:
+        raise ValueError(f"{caller}: no record has the metric {key!r}; available: "
+                         f"{', '.join(available_metrics({'run': run})) or 'none'}")
+    return ys
+
+
+def head_mean(run: Run, key: str, n: int) -> float:
+    """Mean of ``key`` over the first ``n`` records that hold it (all of them if fewer): where a run starts,
+    averaged over steps because per-step metrics are noisy. ``ValueError`` if ``n < 1`` or no record holds
+    ``key``."""
+    ys = _window(run, key, n, "head_mean")[:n]
+    return sum(ys) / len(ys)
+
+
+def tail_mean(run: Run, key: str, n: int) -> float:
+    """Mean of ``key`` over the last ``n`` records that hold it (all of them if fewer): where a run ends.
+    ``ValueError`` if ``n < 1`` or no record holds ``key``."""
+    ys = _window(run, key, n, "tail_mean")[-n:]
+    return sum(ys) / len(ys)
+
+
+def first_crossing(run: Run, target: float, key: str = "eval_accuracy") -> Optional[Dict[str, float]]:
+    """The first record with ``key >= target``, as ``{"step", "samples", "wall"}``: its step, and the
+    completions sampled and wall-clock seconds of RL steps up to and including it (the x axes of
+    :func:`series`); None if no record reaches ``target``. ``ValueError`` for a non-finite ``target``."""
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+        raise ValueError(f"first_crossing: target must be a finite number, got {target!r}")
+    axes = {x: series(run, key, x) for x in X_AXES}
+    for i, y in enumerate(axes["step"][1]):
+        if y >= target:
+            return {x: axes[x][0][i] for x in X_AXES}
+    return None
 
 
 def available_metrics(runs: Dict[str, Run]) -> List[str]:

@@ -1,7 +1,16 @@
 """The plotting helpers: what ``series`` extracts, and that the figures draw exactly those points."""
 import pytest
 
-from grpo_ref.plotting import DEFAULT_PANELS, available_metrics, compare_runs, plot_run, series
+from grpo_ref.plotting import (
+    DEFAULT_PANELS,
+    available_metrics,
+    compare_runs,
+    first_crossing,
+    head_mean,
+    plot_run,
+    series,
+    tail_mean,
+)
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -77,3 +86,32 @@ def test_compare_runs_refuses_a_metric_no_run_has_and_lists_the_available_ones()
         compare_runs({"a": RUN}, metric="nosuch")
     with pytest.raises(ValueError, match="x must be"):
         compare_runs({"a": RUN}, x="time")
+
+
+def test_head_and_tail_means_average_the_records_holding_the_metric():
+    # reward_mean is 0.3, 0.4, 0.6 at steps 1-3; step 0 (the evaluation) does not hold it
+    assert head_mean(RUN, "reward_mean", 2) == pytest.approx(0.35)
+    assert tail_mean(RUN, "reward_mean", 2) == pytest.approx(0.5)
+    assert tail_mean(RUN, "reward_mean", 10) == pytest.approx(1.3 / 3)  # fewer records than n: all of them
+    assert head_mean(RUN, "clip_frac", 1) == pytest.approx(0.03)  # low + high, as series gives it
+    assert tail_mean(RUN, "eval_accuracy", 1) == 0.5
+
+
+def test_first_crossing_reports_step_samples_and_wall_time_of_the_first_record_at_target():
+    run = [dict(r, time_step_s=0.5) if r["step"] > 0 else r for r in RUN]
+    # eval accuracy 0.2 at step 0, 0.5 at step 2: samples 8 + 8 and two RL steps of 0.5 s up to step 2
+    assert first_crossing(run, 0.5) == {"step": 2, "samples": 16.0, "wall": 1.0}
+    assert first_crossing(run, 0.2) == {"step": 0, "samples": 0.0, "wall": 0.0}
+    assert first_crossing(run, 0.51) is None
+    assert first_crossing(run, 0.45, key="reward_mean") == {"step": 3, "samples": 32.0, "wall": 1.5}
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: tail_mean(RUN, "missing", 3), "tail_mean: no record has the metric 'missing'; available: clip_frac"),
+    (lambda: head_mean(RUN, "reward_mean", 0), "head_mean: n must be a positive int, got 0"),
+    (lambda: tail_mean(RUN, "reward_mean", 2.0), "tail_mean: n must be a positive int, got 2.0"),
+    (lambda: first_crossing(RUN, float("nan")), "first_crossing: target must be a finite number, got nan"),
+])
+def test_run_figures_refuse_bad_input_by_name(call, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        call()
